@@ -1,0 +1,33 @@
+"""`tokenmill serve | gateway | bench | cost | generate`.
+
+Each command lives with its part of the package; this file only wires them into one typer app.
+Command modules import nothing heavy at module level, so `tokenmill --help` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def build_app() -> typer.Typer:
+    from tokenmill.bench.cli import bench_app
+    from tokenmill.bench.cost import cost_command
+    from tokenmill.engine.cli import generate_command
+    from tokenmill.gateway.cli import gateway_command
+    from tokenmill.server.cli import serve_command
+
+    app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False)
+    app.command("serve", help="Serve a model behind an OpenAI-compatible HTTP API.")(serve_command)
+    app.command("gateway", help="Run the gateway: load balancing, queueing, model routing, autoscaling.")(gateway_command)
+    app.add_typer(bench_app, name="bench", help="Benchmark OpenAI-compatible endpoints.")
+    app.command("cost", help="Self-hosting vs API cost from a bench result.")(cost_command)
+    app.command("generate", help="Generate offline from a prompt (no server).")(generate_command)
+    return app
+
+
+def main() -> None:
+    build_app()()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Frozen configuration dataclasses: the one home of defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What to load and how. `model` is a HF folder, a .gguf file, a HF-cache name, or None (default model)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # None: from the model config
+    task: str = "generate"  # generate | embed
+    served_model_name: str | None = None
+    chat_template: str | None = None  # path or inline jinja; None: the model's own, else the fallback
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache. `kv_cache_memory` in GiB; None sizes it from free memory."""
+
+    block_size: int = 16
+    kv_cache_memory: float | None = None
+    enable_prefix_caching: bool = True
+    # Explicit block count (tests): overrides kv_cache_memory when set.
+    num_gpu_blocks_override: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # fcfs | priority
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None  # torch intra-op threads; None: all cores
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    drain_timeout_s: float = 30.0

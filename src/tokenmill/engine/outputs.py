@@ -1,0 +1,97 @@
+"""Stage contracts: scheduler -> model runner -> scheduler -> clients.
+
+Plain dataclasses of ints, floats, strings and lists so they serialise (msgpack) when the engine core
+runs in its own process. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SeqSetup:
+    """Everything the runner keeps about a sequence; sent when it (re)enters the batch.
+
+    After a preemption by recompute the sequence is sent again with the tokens generated so far in
+    `output_token_ids` (the runner needs them for penalties) and its generator re-seeded, so a seeded
+    sample continues exactly where it stopped.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: int | None  # effective seed for this sequence (params.seed + sample index), None: unseeded
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's share of one step.
+
+    token_ids are the inputs this step (a prefill chunk, or the last sampled token for a decode),
+    occupying positions start_pos .. start_pos + len(token_ids) - 1.
+    block_ids holds one block table per KV cache group (see KVCacheGroupSpec); entries that a
+    sliding-window group has released are NULL_BLOCK_ID.
+    sample is True when the step ends this sequence's prompt (or it is decoding): the runner samples
+    one token from the logits of the last input position.
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[list[int]]
+    sample: bool
+    setup: SeqSetup | None = None
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    finished_seq_ids: list[str] = field(default_factory=list)  # runner drops their state
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(slots=True)
+class SampledToken:
+    seq_id: str
+    token_id: int
+    logprob: float | None = None  # log-probability of token_id (when logprobs was requested)
+    top_logprobs: list[tuple[int, float]] | None = None  # best alternatives, highest first
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    sampled: list[SampledToken]  # one per ScheduledSeq with sample=True, in the same order
+
+
+@dataclass(slots=True)
+class KVCacheGroupSpec:
+    """Layers that share one block table. sliding_window=None means full attention."""
+
+    layer_ids: list[int]
+    sliding_window: int | None = None
+
+
+NULL_BLOCK_ID = 0  # reserved block, never handed out: placeholder for released sliding-window blocks
+
+
+@dataclass(slots=True)
+class SeqOutputDelta:
+    """Core -> client: what one sequence produced this step."""
+
+    request_id: str
+    index: int  # sample index within the request (n > 1)
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: int | str | None = None  # the stop token id, when one ended it
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
