@@ -63,6 +63,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # log-probability of token_id (when logprobs was requested)
     top_logprobs: list[tuple[int, float]] | None = None  # best alternatives, highest first
+    rank: int | None = None  # 1-based rank of token_id in the raw distribution (when logprobs was requested)
 
 
 @dataclass(slots=True)
