@@ -1,0 +1,81 @@
+"""EngineCore: the step loop schedule -> runner.execute -> update. Owns all scheduler state.
+
+The runner is injected (anything with `execute(SchedulerOutput) -> ModelOutput`, `kv_cache_groups`,
+`num_blocks`, `block_size` and `loaded.max_model_len`), so this module never imports torch.
+Not thread-safe: one thread calls add_request/abort/step (clients queue their calls in between steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SchedulerOutput, SeqOutputDelta
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.stats import SchedulerStats
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    kv_cache_groups: list[KVCacheGroupSpec]
+    num_blocks: list[int]
+    block_size: int
+    loaded: Any
+
+    def execute(self, sched: SchedulerOutput) -> ModelOutput: ...
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, runner: Runner) -> None:
+        self.config = config
+        self.runner = runner
+        loaded = runner.loaded
+        self.max_model_len = int(loaded.max_model_len)
+        cache = config.cache
+        if runner.block_size != cache.block_size:
+            # The runner's tensors decide; keep the scheduler's arithmetic in step with them.
+            from dataclasses import replace
+            cache = replace(cache, block_size=runner.block_size)
+        self.scheduler = Scheduler(config.scheduler, cache, runner.kv_cache_groups, runner.num_blocks,
+                                   self.max_model_len, getattr(loaded, "vocab_size", None))
+        self._stale_finished: list[str] = []
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if not req.eos_token_ids:
+            req.eos_token_ids = list(getattr(self.runner.loaded, "eos_token_ids", []) or [])
+        self.scheduler.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[SeqOutputDelta]:
+        sched = self.scheduler.schedule()
+        if self._stale_finished:
+            sched.finished_seq_ids = self._stale_finished + sched.finished_seq_ids
+            self._stale_finished = []
+        if not sched.seqs:
+            # Nothing to run: hold the runner's clean-up list for the next real step.
+            self._stale_finished = sched.finished_seq_ids
+            return self.scheduler.update(sched, ModelOutput(sampled=[]))
+        try:
+            out = self.runner.execute(sched)
+        except Exception as e:  # a failing batch fails its sequences, not the engine
+            log.exception("runner failed on a batch of %d sequences", len(sched.seqs))
+            self.scheduler.fail_seqs([s.seq_id for s in sched.seqs], f"model runner error: {e!r}")
+            return self.scheduler.update(SchedulerOutput(seqs=[]), ModelOutput(sampled=[]))
+        return self.scheduler.update(sched, out)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def kv_capacity_tokens(self) -> int:
+        return self.scheduler.kv.capacity_tokens()
+
+    def all_blocks_free(self) -> bool:
+        return self.scheduler.kv.all_free()
