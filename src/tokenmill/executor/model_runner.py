@@ -1,0 +1,183 @@
+"""ModelRunner: owns the model, the paged KV tensors and per-sequence sampler state.
+
+execute(SchedulerOutput) flattens the step (prefill chunks and decodes, no padding) into input_ids,
+positions and per-KV-group attention metadata, runs one forward, computes logits only at positions that
+sample, samples, and returns ModelOutput after exactly one host sync (in the sampler).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SampledToken, SchedulerOutput, ScheduledSeq
+from tokenmill.kernels.metadata import AttentionMetadata
+from tokenmill.layers.attention import ForwardContext
+from tokenmill.layers.sampler import Sampler, SeqSamplingState
+from tokenmill.model.loader import LoadedModel, load_model
+
+_GIB = 1 << 30
+_AUTO_KV_FRACTION = 0.25  # of free memory, when kv_cache_memory is None
+_AUTO_KV_CAP_GIB = 4.0
+
+
+class ModelRunner:
+    """Invariant: kv_caches[layer] has shape [num_blocks[group], block_size, num_kv_heads, head_dim] and
+    block 0 of every group is the null block (never allocated by the engine; safe to read, masked out)."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, attn_backend: str = "fast"):
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.config = config
+        self.loaded = loaded if loaded is not None else load_model(config.model)
+        self.model = self.loaded.model
+        self.device = self.loaded.device
+        self.dtype = self.loaded.dtype
+        self.block_size = config.cache.block_size
+        self.attn_backend = attn_backend
+        self.sampler = Sampler(self.loaded.vocab_size, self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.model.seed)
+        self.states: dict[str, SeqSamplingState] = {}
+        self.kv_cache_groups: list[KVCacheGroupSpec] = []
+        self.num_blocks: list[int] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.layer_to_group: list[int] = []
+        if self.loaded.task == "generate":
+            self._allocate_kv_cache()
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+    def _allocate_kv_cache(self) -> None:
+        self.kv_cache_groups = self.model.kv_cache_groups()
+        shapes = self.model.kv_layer_shapes()
+        bs, elsize = self.block_size, torch.empty((), dtype=self.dtype).element_size()
+        if bs < 1:
+            raise ValueError(f"invalid block_size={bs}: must be >= 1")
+        per_block = [sum(2 * bs * shapes[l][0] * shapes[l][1] * elsize for l in g.layer_ids) for g in self.kv_cache_groups]
+        per_seq = [self._blocks_per_seq(g) for g in self.kv_cache_groups]
+        override = self.config.cache.num_gpu_blocks_override
+        if override is not None:
+            if override < 2:
+                raise ValueError(f"invalid num_gpu_blocks_override={override}: must be >= 2 (block 0 is reserved)")
+            self.num_blocks = [override] * len(self.kv_cache_groups)
+        else:
+            budget = self._kv_budget_bytes(sum(b * s for b, s in zip(per_block, per_seq)))
+            seqs = budget / sum(b * s for b, s in zip(per_block, per_seq))
+            self.num_blocks = [int(seqs * s) + 1 for s in per_seq]
+            if min(self.num_blocks) < 2:
+                need = sum(per_block) * 2 / _GIB
+                raise ValueError(f"kv_cache_memory too small: need at least {need:.4f} GiB for one block per KV group")
+        self.layer_to_group = [0] * len(shapes)
+        for gi, g in enumerate(self.kv_cache_groups):
+            for l in g.layer_ids:
+                self.layer_to_group[l] = gi
+        self.kv_caches = []
+        for l, (heads, dim) in enumerate(shapes):
+            shape = (self.num_blocks[self.layer_to_group[l]], bs, heads, dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+
+    def _blocks_per_seq(self, group: KVCacheGroupSpec) -> int:
+        full = math.ceil(self.loaded.max_model_len / self.block_size)
+        if group.sliding_window is None:
+            return full
+        return min(full, math.ceil(group.sliding_window / self.block_size) + 1)
+
+    def _kv_budget_bytes(self, bytes_per_max_seq: int) -> float:
+        gib = self.config.cache.kv_cache_memory
+        if gib is not None:
+            if gib <= 0:
+                raise ValueError(f"invalid kv_cache_memory={gib}: must be > 0 GiB")
+            return gib * _GIB
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return 0.8 * free
+        import psutil
+
+        auto = min(_AUTO_KV_FRACTION * psutil.virtual_memory().available, _AUTO_KV_CAP_GIB * _GIB)
+        # No point reserving more than every running sequence at full length needs.
+        return min(auto, bytes_per_max_seq * self.config.scheduler.max_num_seqs)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the smallest-capacity group can hold (excluding the null block)."""
+        return min(self.num_blocks, default=1) * self.block_size - self.block_size
+
+    # ---- per-sequence state ---------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for seq_id in so.finished_seq_ids:
+            self.states.pop(seq_id, None)
+        for seq in so.seqs:
+            if seq.setup is not None:
+                s = seq.setup
+                gen = None
+                if s.seed is not None:
+                    gen = torch.Generator(device=self.device)
+                self.states[seq.seq_id] = SeqSamplingState(
+                    params=s.params, prompt_token_ids=list(s.prompt_token_ids),
+                    output_token_ids=list(s.output_token_ids), eos_token_ids=list(s.eos_token_ids),
+                    generator=gen, seed=s.seed,
+                )
+            elif seq.seq_id not in self.states:
+                raise KeyError(f"seq {seq.seq_id!r} scheduled without setup and unknown to the runner")
+
+    # ---- step -----------------------------------------------------------------------------------------
+    def execute(self, so: SchedulerOutput) -> ModelOutput:
+        self._update_states(so)
+        if not so.seqs:
+            return ModelOutput(sampled=[])
+        with torch.inference_mode():
+            input_ids, positions, ctx, sample_idx = self._prepare(so.seqs)
+            hidden = self.model(input_ids, positions, ctx)
+            sampling = [s for s in so.seqs if s.sample]
+            if not sampling:
+                return ModelOutput(sampled=[])
+            logits = self.model.compute_logits(hidden.index_select(0, sample_idx))
+            states = [self.states[s.seq_id] for s in sampling]
+            for st in states:
+                if st.generator is not None:
+                    # Seed per output index: a preempted, re-sent sequence continues exactly where it stopped.
+                    st.generator.manual_seed((st.seed * 1_000_003 + len(st.output_token_ids)) % (1 << 63))
+            rows = self.sampler(logits, states, self.generator)
+        out = []
+        for seq, st, row in zip(sampling, states, rows):
+            st.output_token_ids.append(row.token_id)
+            out.append(SampledToken(seq.seq_id, row.token_id, row.logprob, row.top_logprobs, rank=row.rank))
+        return ModelOutput(sampled=out)
+
+    def _prepare(self, seqs: list[ScheduledSeq]):
+        ids: list[int] = []
+        pos: list[int] = []
+        sample_idx: list[int] = []
+        query_lens: list[int] = []
+        start_pos: list[int] = []
+        for s in seqs:
+            n = len(s.token_ids)
+            if n == 0:
+                raise ValueError(f"seq {s.seq_id!r} scheduled with no tokens")
+            if s.start_pos + n > self.loaded.max_model_len:
+                raise ValueError(f"seq {s.seq_id!r} exceeds max_model_len={self.loaded.max_model_len}")
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start_pos, s.start_pos + n))
+            if s.sample:
+                sample_idx.append(len(ids) - 1)
+            query_lens.append(n)
+            start_pos.append(s.start_pos)
+        metadata = [
+            AttentionMetadata.build(query_lens, start_pos, [s.block_ids[gi] for s in seqs], self.block_size,
+                                    g.sliding_window, self.device)
+            for gi, g in enumerate(self.kv_cache_groups)
+        ]
+        ctx = ForwardContext(metadata, self.layer_to_group, self.kv_caches, self.attn_backend)
+        dev = self.device
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev))
+
+    def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        """Sentence embeddings for task='embed' models (the model implements `embed`)."""
+        if not hasattr(self.model, "embed"):
+            raise ValueError(f"task: model {self.loaded.arch} does not produce embeddings; use task='generate'")
+        with torch.inference_mode():
+            return self.model.embed(token_id_lists)

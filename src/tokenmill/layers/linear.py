@@ -1,0 +1,42 @@
+"""Fused linear layers and the weight-loading helpers that fill their shards.
+
+The checkpoint keeps q/k/v (and gate/up) as separate tensors; we fuse them into one matmul because on CPU
+one larger GEMM beats three small ones. Each fused layer knows where each named shard lives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FusedLinear(nn.Linear):
+    """nn.Linear whose output rows are the concatenation of named shards (e.g. q, k, v)."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False):
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (offset, size)
+            offset += size
+        self.shard_sizes = list(shard_sizes.values())
+
+    def load_shard(self, shard: str, loaded: torch.Tensor, is_bias: bool = False) -> None:
+        offset, size = self.shard_offsets[shard]
+        target = self.bias if is_bias else self.weight
+        if loaded.shape[0] != size:
+            raise ValueError(f"shard {shard!r}: checkpoint has {tuple(loaded.shape)}, expected first dim {size}")
+        with torch.no_grad():
+            target[offset : offset + size].copy_(loaded)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return out.split(self.shard_sizes, dim=-1)
+
+
+def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    """Copy a checkpoint tensor into a parameter, casting dtype; shape mismatches name the tensor."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"weight {name!r}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)

@@ -1,0 +1,31 @@
+"""RMSNorm, computed in float32 like the reference implementations."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * (weight + weight_offset).
+
+    weight_offset is 0 for Llama/Qwen and 1 for Gemma (which stores weight - 1). Llama casts back to the
+    input dtype before multiplying by the weight, Gemma multiplies in float32 first; `gemma_style` picks the
+    order so bf16 results match the reference implementation bit for bit.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0, gemma_style: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.weight_offset = weight_offset
+        self.gemma_style = gemma_style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma_style:
+            return (xf * (self.weight.float() + self.weight_offset)).to(dtype)
+        w = self.weight + self.weight_offset if self.weight_offset else self.weight
+        return w * xf.to(dtype)

@@ -1,0 +1,88 @@
+"""Rotary position embeddings (neox / rotate-half layout, as in HF checkpoints), with rope scaling.
+
+Supported rope types: default, linear, llama3, dynamic (treated as default within the trained length).
+One instance per distinct (head_dim, base, scaling): Gemma 3 builds two (local and global bases).
+The cos/sin table is built lazily on the device of first use, so models can be built on the meta device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+def rope_parameters(config: Any) -> dict:
+    """Normalise transformers v4 (rope_theta + rope_scaling) and v5 (rope_parameters) configs to one dict."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        out = dict(params)
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+        out["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
+    return out
+
+
+def _inv_freq(head_dim: int, params: dict) -> torch.Tensor:
+    base = float(params["rope_theta"])
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = params["rope_type"]
+    if kind == "linear":
+        inv = inv / float(params["factor"])
+    elif kind == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(is_medium, smoothed, scaled)
+    elif kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type={kind!r}: must be one of {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return inv
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q [T, Hq, D] and k [T, Hkv, D] at integer positions [T]."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.params = params
+        self._attention_scaling = 1.0
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _cos_sin(self, device: torch.device, dtype: torch.dtype, needed: int) -> torch.Tensor:
+        key = (device, dtype)
+        cached = self._cache.get(key)
+        if cached is None or cached.shape[0] < needed:
+            length = max(self.max_position, needed)
+            inv = _inv_freq(self.head_dim, self.params)
+            freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            # [L, 2, D]: one gather per step fetches both cos and sin.
+            cached = torch.stack([emb.cos(), emb.sin()], dim=1).to(device=device, dtype=dtype)
+            self._cache[key] = cached
+        return cached
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._cos_sin(q.device, q.dtype, 0)
+        cs = table[positions]  # [T, 2, D]
+        cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+        return _apply(q, cos, sin), _apply(k, cos, sin)
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin

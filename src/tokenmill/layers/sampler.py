@@ -1,0 +1,187 @@
+"""Batched per-request sampling with one host sync per step.
+
+Order (as vLLM): logit_bias and min_tokens masks -> repetition / frequency / presence penalties -> greedy
+argmax for greedy rows; for the rest temperature -> min_p -> top_k -> top_p -> sample with the exponential
+race trick (argmax(probs / Exp(1) noise)), drawing the noise of a seeded row from that row's own generator
+so its tokens do not depend on its batch mates. Logprobs come from log_softmax of the RAW model logits.
+No full-vocabulary sort unless top_p asks for it; top_k uses torch.topk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SeqSamplingState:
+    """What the sampler remembers about one sequence across steps."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None  # set for seeded sequences; reseeded per output index
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class SampledRow:
+    token_id: int
+    logprob: float | None
+    rank: int | None
+    top_logprobs: list[tuple[int, float]] | None
+
+
+def _needs_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None = None) -> list[SampledRow]:
+        """logits [B, V] float32 (rows in `states` order; modified in place). One host sync."""
+        num_rows = logits.shape[0]
+        params = [s.params for s in states]
+        want_lp = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        self._apply_bias_and_min_tokens(logits, states)
+        self._apply_penalties(logits, states)
+
+        tokens = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+        if len(greedy) == num_rows:
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            tokens[idx] = logits[idx].argmax(dim=-1)
+        if rand:
+            idx = torch.tensor(rand, device=logits.device)
+            x = logits if len(rand) == num_rows else logits[idx]
+            tokens[idx] = self._sample_random(x, [states[i] for i in rand], generator)
+
+        packed = [tokens.to(torch.float64)[:, None]]
+        max_k = max((p.logprobs or 0) for p in params)
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens[:, None])
+            rank = (raw_logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+            packed += [chosen.to(torch.float64), rank.to(torch.float64)]
+            if max_k > 0:
+                top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1)
+                packed += [top_ids.to(torch.float64), top_lp.to(torch.float64)]
+        host = torch.cat(packed, dim=1).tolist()  # the one host sync of the step
+        return [self._unpack(row, params[i], raw_logprobs is not None, max_k) for i, row in enumerate(host)]
+
+    @staticmethod
+    def _unpack(row: list[float], p: SamplingParams, has_lp: bool, max_k: int) -> SampledRow:
+        token = int(row[0])
+        if not has_lp or p.logprobs is None:
+            return SampledRow(token, None, None, None)
+        k = p.logprobs
+        top = [(int(row[3 + j]), row[3 + max_k + j]) for j in range(k)] if k else []
+        return SampledRow(token, row[1], int(row[2]), top)
+
+    def _apply_bias_and_min_tokens(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        mask_rows: list[int] = []
+        mask_cols: list[int] = []
+        for i, s in enumerate(states):
+            p = s.params
+            if p.logit_bias:
+                for tid, bias in p.logit_bias.items():
+                    if tid < self.vocab_size:
+                        rows.append(i)
+                        cols.append(tid)
+                        vals.append(bias)
+            if len(s.output_token_ids) < p.min_tokens:
+                for tid in set(s.eos_token_ids) | set(p.stop_token_ids):
+                    if tid < self.vocab_size:
+                        mask_rows.append(i)
+                        mask_cols.append(tid)
+        dev = logits.device
+        if rows:
+            logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                              torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+        if mask_rows:
+            logits[torch.tensor(mask_rows, device=dev), torch.tensor(mask_cols, device=dev)] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
+        which = [i for i, s in enumerate(states) if _needs_penalties(s.params)]
+        if not which:
+            return
+        dev, vocab = logits.device, self.vocab_size
+        out_counts = _token_counts([states[i].output_token_ids for i in which], vocab, dev)
+        x = logits[torch.tensor(which, device=dev)] if len(which) < len(states) else logits
+        p_list = [states[i].params for i in which]
+        rep = torch.tensor([p.repetition_penalty for p in p_list], device=dev)[:, None]
+        if bool((rep != 1.0).any()):
+            prompt_seen = _token_counts([states[i].prompt_token_ids for i in which], vocab, dev) > 0
+            seen = prompt_seen | (out_counts > 0)
+            penalised = torch.where(x > 0, x / rep, x * rep)
+            x = torch.where(seen, penalised, x)
+        freq = torch.tensor([p.frequency_penalty for p in p_list], device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in p_list], device=dev)[:, None]
+        x = x - freq * out_counts - pres * (out_counts > 0).to(x.dtype)
+        if len(which) < len(states):
+            logits[torch.tensor(which, device=dev)] = x
+        else:
+            logits.copy_(x)
+
+    def _sample_random(self, x: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None) -> torch.Tensor:
+        dev = x.device
+        p_list = [s.params for s in states]
+        x = x / torch.tensor([p.temperature for p in p_list], device=dev, dtype=x.dtype)[:, None]
+        if any(p.min_p > 0 for p in p_list):
+            probs = torch.softmax(x, dim=-1)
+            min_p = torch.tensor([p.min_p for p in p_list], device=dev, dtype=x.dtype)[:, None]
+            x = x.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        if any(p.top_k > 0 for p in p_list):
+            ks = [min(p.top_k, x.shape[1]) if p.top_k > 0 else x.shape[1] for p in p_list]
+            values = x.topk(max(ks), dim=-1).values
+            kth = values.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)
+            x = x.masked_fill(x < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in p_list):
+            x = _top_p(x, torch.tensor([p.top_p for p in p_list], device=dev, dtype=x.dtype))
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, s in enumerate(states) if s.generator is None]
+        for i, s in enumerate(states):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        if unseeded:
+            block = torch.empty((len(unseeded), probs.shape[1]), device=dev, dtype=probs.dtype).exponential_(generator=generator)
+            noise[torch.tensor(unseeded, device=dev)] = block
+        return (probs / noise).argmax(dim=-1)
+
+
+def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(lists), vocab] float counts of each token id (ids outside the vocab are ignored)."""
+    width = max((len(t) for t in lists), default=0)
+    counts = torch.zeros((len(lists), vocab + 1), device=device)
+    if width:
+        ids = torch.full((len(lists), width), vocab, dtype=torch.long)
+        for r, t in enumerate(lists):
+            if t:
+                ids[r, : len(t)] = torch.tensor(t, dtype=torch.long).clamp(0, vocab)
+        ids = ids.to(device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of highest-probability tokens whose mass reaches top_p (always >= 1 token)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf"))

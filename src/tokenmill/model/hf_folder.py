@@ -1,0 +1,128 @@
+"""Load a Hugging Face model folder: config.json, *.safetensors (single or sharded + index), tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
+from tokenmill.model.registry import resolve_architecture
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
+    folder = Path(cfg.model)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"model={cfg.model!r}: folder has no config.json (is it a Hugging Face model folder?)")
+    raw = json.loads(config_path.read_text())
+    arch, cls = resolve_architecture(raw.get("architectures"))
+    config = load_config(folder, raw)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(raw))
+    tokenizer = load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else folder)
+    model = build_model(cls, config, dtype, device, iter_safetensors(folder))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        max_model_len=resolve_max_model_len(cfg.max_model_len, getattr(config, "max_position_embeddings", None)),
+        eos_token_ids=eos_token_ids(folder, raw, tokenizer),
+        bos_token_id=raw.get("bos_token_id", getattr(tokenizer, "bos_token_id", None)),
+        chat_template=resolve_chat_template(cfg.chat_template, tokenizer),
+        dtype=dtype,
+        device=device,
+        vocab_size=int(config.vocab_size),
+        task=getattr(cls, "TASK", "generate"),
+        path=str(folder),
+    )
+
+
+def load_config(folder: Path, raw: dict) -> Any:
+    """transformers' config object (normalises rope fields across versions); a namespace if it is unknown."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, KeyError):
+        return SimpleNamespace(**raw)
+
+
+def _checkpoint_dtype(raw: dict) -> torch.dtype | None:
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not path.is_dir() or not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"tokenizer: no tokenizer files in {str(path)!r} (looked for {', '.join(_TOKENIZER_FILES)}); "
+            "pass tokenizer=<folder with a tokenizer>"
+        )
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def resolve_chat_template(override: str | None, tokenizer: Any) -> str | None:
+    """An explicit template (a file path or inline jinja) wins over the tokenizer's own."""
+    if override:
+        p = Path(override)
+        return p.read_text() if p.is_file() else override
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def eos_token_ids(folder: Path, raw: dict, tokenizer: Any) -> list[int]:
+    """Union of generation_config.json, config.json and the tokenizer's eos ids, in that order."""
+    found: list[int] = []
+    gen = folder / "generation_config.json"
+    sources = [json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None,
+               raw.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)]
+    for value in sources:
+        for tid in value if isinstance(value, list) else [value]:
+            if isinstance(tid, int) and tid not in found:
+                found.append(tid)
+    return found
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, so only one tensor is held besides the model."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ValueError(f"model={str(folder)!r}: shards listed in {index.name} are missing: {', '.join(missing)}")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model={str(folder)!r}: no *.safetensors weights found (only safetensors is supported)")
+    for name in files:
+        with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device, weights) -> torch.nn.Module:
+    """Construct on the meta device (no random init), materialise on `device`, fill every parameter."""
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype).to_empty(device=device)
+    loaded = model.load_weights(weights)
+    expected = model.expected_weights() if hasattr(model, "expected_weights") else set()
+    missing = sorted(expected - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for {cls.__name__}: {shown}")
+    return model.eval()
