@@ -1,0 +1,215 @@
+"""Async client for an engine core running in its own process (see core_proc for the wire format).
+
+The core is spawned (not forked: torch and threads do not survive fork) and talks over two ipc://
+PUSH/PULL sockets. A reader task turns core messages into output batches; the process sentinel is
+watched by the event loop, so a dead core is noticed at once: `errored` turns True and every waiter
+gets EngineDeadError instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core_proc import delta_from_row, pack, run_core, stats_from_wire, unpack
+from tokenmill.engine.outputs import SeqOutputDelta
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.engine.stats import SchedulerStats
+
+log = logging.getLogger("tokenmill.engine.client")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process exited or failed; no request can make progress."""
+
+
+class MPCoreClient:
+    """Invariants: after `start()` returns, `model_info` and `tokenizer` are set; once `errored` is True
+    it stays True and `get_output()` raises EngineDeadError."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_info: dict[str, Any] = {}
+        self.tokenizer: Any = None
+        self.errored = False
+        self.dead_reason: str | None = None
+        self._stats = SchedulerStats()
+        self._queue_times: dict[str, float] = {}  # request_id -> seconds waited before first scheduled
+        self._outputs: asyncio.Queue[list[SeqOutputDelta] | None] = asyncio.Queue()
+        self._embed_calls: dict[int, asyncio.Future[list[list[float]]]] = {}
+        self._next_call = 0
+        self._dir = tempfile.mkdtemp(prefix="tokenmill-core-")
+        self._ctx = zmq.asyncio.Context()
+        self._to_core = self._ctx.socket(zmq.PUSH)
+        self._from_core = self._ctx.socket(zmq.PULL)
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, config: EngineConfig) -> MPCoreClient:
+        client = cls(config)
+        try:
+            await client._start()
+        except BaseException:
+            await client.shutdown()
+            raise
+        return client
+
+    async def _start(self) -> None:
+        in_addr = f"ipc://{self._dir}/in"
+        out_addr = f"ipc://{self._dir}/out"
+        self._to_core.setsockopt(zmq.LINGER, 0)
+        self._to_core.bind(in_addr)
+        self._from_core.bind(out_addr)
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        ctx = multiprocessing.get_context("spawn")
+        self._proc = ctx.Process(target=run_core, args=(self.config, in_addr, out_addr, os.getpid()),
+                                 name="tokenmill-engine-core", daemon=True)
+        self._proc.start()
+        loop.add_reader(self._proc.sentinel, self._on_exit)
+        self._reader = asyncio.create_task(self._read_loop())
+        await self._ready
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._proc.sentinel)
+        code = self._proc.exitcode
+        if not self._closed:
+            self._mark_dead(self.dead_reason or f"engine core process exited unexpectedly (exit code {code})")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.errored:
+            return
+        self.errored = True
+        self.dead_reason = reason
+        if not self._closed:
+            log.error("engine core dead: %s", reason)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EngineDeadError(reason))
+        for fut in self._embed_calls.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+        self._embed_calls.clear()
+        self._outputs.put_nowait(None)  # wakes the consumer, which raises
+
+    async def shutdown(self) -> None:
+        """Ask the core to exit, then make sure it has (terminate, then kill); no child is left behind."""
+        if self._closed:
+            return
+        self._closed = True
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            try:
+                await self._to_core.send(pack(["shutdown"]))
+            except zmq.ZMQError:
+                pass
+            for sig_step in ("wait", "terminate", "kill"):
+                if sig_step == "terminate":
+                    proc.terminate()
+                elif sig_step == "kill":
+                    proc.kill()
+                for _ in range(50):
+                    if not proc.is_alive():
+                        break
+                    await asyncio.sleep(0.05)
+                if not proc.is_alive():
+                    break
+        if proc is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(proc.sentinel)
+            except (ValueError, OSError):
+                pass
+            proc.join(timeout=1)
+        self._mark_dead("engine shut down")
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._to_core.close(0)
+        self._from_core.close(0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.errored:
+            raise EngineDeadError(self.dead_reason or "engine core is not running")
+
+    async def add_request(self, req: EngineCoreRequest) -> None:
+        self._check()
+        await self._to_core.send(pack(["add", req.to_wire()]))
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if self.errored or not request_ids:
+            return
+        await self._to_core.send(pack(["abort", list(request_ids)]))
+
+    async def get_output(self) -> list[SeqOutputDelta]:
+        """The next batch of deltas (one engine step); raises EngineDeadError once the core is gone."""
+        if self.errored and self._outputs.empty():
+            raise EngineDeadError(self.dead_reason or "engine core is not running")
+        batch = await self._outputs.get()
+        if batch is None:
+            self._outputs.put_nowait(None)  # every later caller must see it too
+            raise EngineDeadError(self.dead_reason or "engine core is not running")
+        return batch
+
+    async def embed(self, batch: list[list[int]]) -> list[list[float]]:
+        self._check()
+        call = self._next_call
+        self._next_call += 1
+        fut: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        self._embed_calls[call] = fut
+        await self._to_core.send(pack(["embed", call, batch]))
+        return await fut
+
+    def stats(self) -> SchedulerStats:
+        return self._stats
+
+    def pop_queue_time(self, request_id: str) -> float | None:
+        return self._queue_times.pop(request_id, None)
+
+    # ---- reader ---------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        while True:
+            msg = unpack(await self._from_core.recv())
+            kind = msg[0]
+            if kind == "out":
+                self._stats = stats_from_wire(msg[2])
+                for rid, wall in msg[3].items():
+                    self._queue_times[rid] = wall
+                if msg[1]:
+                    self._outputs.put_nowait([delta_from_row(r) for r in msg[1]])
+            elif kind == "stats":
+                self._stats = stats_from_wire(msg[1])
+            elif kind == "embed":
+                fut = self._embed_calls.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    if msg[3] is not None:
+                        fut.set_exception(ValueError(msg[3]))
+                    else:
+                        fut.set_result(msg[2])
+            elif kind == "ready":
+                self.model_info = msg[1]
+                self.tokenizer = pickle.loads(msg[2])
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+            elif kind == "fatal":
+                self.dead_reason = f"engine core failed: {msg[1]}"
+                self._mark_dead(self.dead_reason)

@@ -1,0 +1,83 @@
+"""`tokenmill serve [MODEL]`: the OpenAI-compatible server (FastAPI + uvicorn, engine core in a child process).
+
+Nothing heavy is imported at module level (no torch, no FastAPI): `tokenmill --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenmill.config import CacheConfig, SchedulerConfig, ServerConfig
+
+_S, _C, _V = SchedulerConfig(), CacheConfig(), ServerConfig()
+
+
+def serve_command(
+    model: Annotated[str | None, typer.Argument(
+        help="A Hugging Face model folder (config.json + safetensors + tokenizer), a .gguf file, or a model "
+             "name in the local HF cache. Omitted: the packaged default model.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind. 0.0.0.0 exposes the server to the network.")] = _V.host,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = _V.port,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Model name clients send in `model` and see in /v1/models (default: the MODEL argument).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="TOKENMILL_API_KEY",
+        help="Require `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize (env TOKENMILL_API_KEY).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Longest prompt + completion in tokens (default: the model's own limit).")] = None,
+    kv_cache_memory: Annotated[float | None, typer.Option(
+        help="KV cache size in GiB (default: sized from free memory).")] = _C.kv_cache_memory,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences decoded together in one step.")] = _S.max_num_seqs,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        help="Token budget per engine step (long prompts are prefilled in chunks of this).")] = _S.max_num_batched_tokens,
+    dtype: Annotated[str, typer.Option(
+        help="auto | float32 | bfloat16 | float16. auto: float32 on CPUs without fast bf16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    chat_template: Annotated[str | None, typer.Option(
+        help="Jinja chat template (a file path or the template text) overriding the model's own.")] = None,
+    max_queued_requests: Annotated[int | None, typer.Option(
+        help="Answer 429 with Retry-After once this many sequences wait for a batch slot (default: no limit).")] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = _C.block_size,
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching",
+        help="Reuse KV blocks of identical prompt prefixes across requests.")] = _C.enable_prefix_caching,
+    task: Annotated[str, typer.Option(help="generate | embed (embed serves /v1/embeddings).")] = "generate",
+    seed: Annotated[int, typer.Option(help="Seed for unseeded sampling.")] = 0,
+    drain_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM: seconds to let in-flight requests finish before exiting.")] = _V.drain_timeout_s,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body (bigger: 413).")] = _V.max_body_bytes,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+) -> None:
+    """Serve MODEL behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)."""
+    from tokenmill.config import EngineConfig, ModelConfig
+    from tokenmill.server.launcher import run_server
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    template = _read_template(chat_template)
+    engine_config = EngineConfig(
+        model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
+                          served_model_name=served_model_name, chat_template=template, seed=seed),
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+    )
+    server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
+                                 max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
+                                 drain_timeout_s=drain_timeout)
+    raise typer.Exit(run_server(engine_config, server_config, template, log_level))
+
+
+def _read_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if "{" not in value:  # not template text, so it must name a file
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise typer.BadParameter(f"no such file: {value} (pass a template file or the template text)",
+                                     param_hint="--chat-template")
+        return path.read_text()
+    return value

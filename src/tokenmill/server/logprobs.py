@@ -1,0 +1,48 @@
+"""Engine logprobs (per token: dict[token_id, Logprob(logprob, rank, decoded_token)]) -> OpenAI's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def token_text(tokenizer: Any, token_id: int, lp: Any = None) -> str:
+    text = getattr(lp, "decoded_token", None)
+    if text is None:
+        text = tokenizer.decode([token_id])
+    return text
+
+
+def _entries(c: Any, tokenizer: Any, k: int) -> list[tuple[str, float | None, list[tuple[str, float]]]]:
+    """(sampled token text, its logprob, top-k alternatives best first) for each new token of `c`."""
+    out = []
+    for i, tid in enumerate(c.token_ids):
+        step = c.logprobs[i] if c.logprobs is not None and i < len(c.logprobs) else None
+        if not step:
+            out.append((token_text(tokenizer, tid), None, []))
+            continue
+        chosen = step.get(tid)
+        top = sorted(((t, lp) for t, lp in step.items() if getattr(lp, "rank", None) is not None
+                      and lp.rank >= 1), key=lambda e: e[1].rank)[:k]
+        out.append((token_text(tokenizer, tid, chosen), float(chosen.logprob) if chosen else None,
+                    [(token_text(tokenizer, t, lp), float(lp.logprob)) for t, lp in top]))
+    return out
+
+
+def completion_logprobs(acc: dict[str, list], c: Any, tokenizer: Any, k: int, offset: int) -> None:
+    """Append the new tokens of `c` to a completions `logprobs` object (text_offset from `offset`)."""
+    for text, logprob, top in _entries(c, tokenizer, k):
+        acc["text_offset"].append(offset)
+        offset += len(text)
+        acc["tokens"].append(text)
+        acc["token_logprobs"].append(logprob)
+        acc["top_logprobs"].append({t: v for t, v in top} if k > 0 else None)
+
+
+def chat_logprobs(c: Any, tokenizer: Any, k: int) -> list[dict[str, Any]]:
+    """Chat `logprobs.content` entries for the new tokens of `c`."""
+    return [
+        # OpenAI reports -9999.0 where a logprob is unavailable; its schema has no null here.
+        {"token": text, "logprob": -9999.0 if logprob is None else logprob, "bytes": list(text.encode("utf-8")),
+         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top]}
+        for text, logprob, top in _entries(c, tokenizer, k)
+    ]

@@ -1,0 +1,104 @@
+"""Server metrics (`tokenmill_*`, vLLM's meanings; see docs/metrics.md) in a per-process registry.
+
+Gauges and cumulative engine counters come from the core's SchedulerStats; token counters and latency
+histograms are recorded by the front end as requests stream. Every metric carries `model_name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# vLLM's buckets, so dashboards built on its histograms read the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """Monotonic timestamps of one request (seconds); None where the request never got that far."""
+
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+class ServerMetrics:
+    """All server metrics of one process, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        lbl = ["model_name"]
+        r = registry
+        self._running = Gauge("tokenmill_num_requests_running", "Requests in the running batch.", lbl, registry=r)
+        self._waiting = Gauge("tokenmill_num_requests_waiting", "Requests waiting to be scheduled.", lbl, registry=r)
+        self._kv = Gauge("tokenmill_kv_cache_usage_perc", "KV cache usage fraction (0..1).", lbl, registry=r)
+        self._pc_queries = Counter("tokenmill_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lbl, registry=r)
+        self._pc_hits = Counter("tokenmill_prefix_cache_hits", "Prompt tokens found in the prefix cache.", lbl, registry=r)
+        self._preempt = Counter("tokenmill_num_preemptions", "Cumulative preemptions.", lbl, registry=r)
+        self._prompt = Counter("tokenmill_prompt_tokens", "Prefilled prompt tokens.", lbl, registry=r)
+        self._gen = Counter("tokenmill_generation_tokens", "Generated tokens.", lbl, registry=r)
+        self._success = Counter("tokenmill_request_success", "Finished requests by finish reason.",
+                                lbl + ["finished_reason"], registry=r)
+        self._ttft = Histogram("tokenmill_time_to_first_token_seconds", "Time to first token.", lbl,
+                               buckets=_TTFT_BUCKETS, registry=r)
+        self._itl = Histogram("tokenmill_inter_token_latency_seconds", "Time between output tokens.", lbl,
+                              buckets=_ITL_BUCKETS, registry=r)
+        self._e2e = Histogram("tokenmill_e2e_request_latency_seconds", "End-to-end request latency.", lbl,
+                              buckets=_REQUEST_BUCKETS, registry=r)
+        self._queue = Histogram("tokenmill_request_queue_time_seconds", "Time waiting before first scheduled.", lbl,
+                                buckets=_REQUEST_BUCKETS, registry=r)
+        self._prefill = Histogram("tokenmill_request_prefill_time_seconds", "Time from first scheduled to first token.", lbl,
+                                  buckets=_REQUEST_BUCKETS, registry=r)
+        self._decode = Histogram("tokenmill_request_decode_time_seconds", "Time from first to last token.", lbl,
+                                 buckets=_REQUEST_BUCKETS, registry=r)
+        # Last cumulative values seen from the core, to turn them into counter increments.
+        self._last_cum = {"q": 0, "h": 0, "p": 0}
+        for reason in ("stop", "length", "abort"):
+            self._success.labels(model_name, reason)  # expose zeros from the start, as vLLM does
+
+    def update_engine(self, num_running: int, num_waiting: int, kv_cache_usage: float,
+                      prefix_cache_queries: int, prefix_cache_hits: int, num_preemptions: int) -> None:
+        m = self.model_name
+        self._running.labels(m).set(num_running)
+        self._waiting.labels(m).set(num_waiting)
+        self._kv.labels(m).set(kv_cache_usage)
+        for key, counter, value in (("q", self._pc_queries, prefix_cache_queries),
+                                    ("h", self._pc_hits, prefix_cache_hits),
+                                    ("p", self._preempt, num_preemptions)):
+            delta = value - self._last_cum[key]
+            if delta > 0:
+                counter.labels(m).inc(delta)
+            self._last_cum[key] = max(value, self._last_cum[key])
+
+    def observe_token(self, now: float, prev: float | None, num_tokens: int, timing: RequestTiming) -> None:
+        """Record `num_tokens` new output tokens arriving at `now` (prev: the previous arrival)."""
+        if num_tokens <= 0:
+            return
+        self._gen.labels(self.model_name).inc(num_tokens)
+        if prev is None:
+            self._ttft.labels(self.model_name).observe(now - timing.arrival)
+        else:
+            # Tokens arriving together share the gap, like vLLM's per-token ITL.
+            gap = (now - prev) / num_tokens
+            for _ in range(num_tokens):
+                self._itl.labels(self.model_name).observe(gap)
+
+    def observe_finished(self, timing: RequestTiming, finish_reason: str, num_prompt_tokens: int, now: float) -> None:
+        m = self.model_name
+        self._prompt.labels(m).inc(num_prompt_tokens)
+        self._success.labels(m, finish_reason).inc()
+        self._e2e.labels(m).observe(now - timing.arrival)
+        if timing.scheduled is not None:
+            self._queue.labels(m).observe(max(0.0, timing.scheduled - timing.arrival))
+            if timing.first_token is not None:
+                self._prefill.labels(m).observe(max(0.0, timing.first_token - timing.scheduled))
+        if timing.first_token is not None and timing.last_token is not None:
+            self._decode.labels(m).observe(max(0.0, timing.last_token - timing.first_token))

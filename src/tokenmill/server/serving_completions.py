@@ -1,0 +1,160 @@
+"""POST /v1/completions: prompts (text, texts, token ids, lists of token ids) -> text_completion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.server.errors import invalid_param
+from tokenmill.server.logprobs import completion_logprobs
+from tokenmill.server.protocol import CompletionRequest
+from tokenmill.server.serving_engine import (
+    admit,
+    check_model,
+    check_ready,
+    generate,
+    new_request_id,
+    read_body,
+    sampling_params,
+)
+from tokenmill.server.state import ServerState
+from tokenmill.server.streaming import merge, sse_response, until_disconnect
+
+
+def prompt_token_ids(prompt: Any, tokenizer: Any, vocab_size: int, add_special_tokens: bool,
+                     param: str = "prompt") -> list[tuple[str | None, list[int]]]:
+    """Normalise OpenAI's four prompt forms into (text or None, token ids) pairs."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise invalid_param(param, f"invalid {param}: must not be empty")
+    out: list[tuple[str | None, list[int]]] = []
+    for item in items:
+        if isinstance(item, str):
+            ids = list(tokenizer(item, add_special_tokens=add_special_tokens)["input_ids"])
+            out.append((item, ids))
+        else:
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise invalid_param(param, f"invalid {param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            out.append((None, list(item)))
+    return out
+
+
+async def create_completion(state: ServerState, request: Request) -> Response:
+    body = await read_body(request, CompletionRequest, state.server_config.max_body_bytes)
+    check_ready(state)
+    model = check_model(state, body.model)
+    engine = state.engine
+    if body.suffix:
+        raise invalid_param("suffix", "invalid suffix: insertion (suffix) is not supported")
+    info = engine.model_info
+    prompts = prompt_token_ids(body.prompt, engine.tokenizer, info.vocab_size, body.add_special_tokens)
+    if body.echo:
+        # The echoed prompt needs text even when given as ids.
+        prompts = [(t if t is not None else engine.tokenizer.decode(ids), ids) for t, ids in prompts]
+        if body.logprobs is not None:
+            raise invalid_param("echo", "invalid echo=true with logprobs: prompt logprobs are not supported")
+    params = [sampling_params(body, body.max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt")
+              for _, ids in prompts]
+    admit(state, body.n * len(prompts))
+    rid = new_request_id("cmpl")
+    created = int(time.time())
+    streams = [generate(state, ids, p, f"{rid}-{i}", body.priority) for i, ((_, ids), p) in enumerate(zip(prompts, params))]
+    ctx = _Ctx(rid, created, model, body, prompts, engine.tokenizer)
+    if body.stream:
+        return sse_response(_stream(ctx, streams))
+    return JSONResponse(await until_disconnect(request, _full(ctx, streams)))
+
+
+class _Ctx:
+    __slots__ = ("id", "created", "model", "body", "prompts", "tokenizer")
+
+    def __init__(self, rid: str, created: int, model: str, body: CompletionRequest,
+                 prompts: list[tuple[str | None, list[int]]], tokenizer: Any) -> None:
+        self.id, self.created, self.model, self.body, self.prompts, self.tokenizer = rid, created, model, body, prompts, tokenizer
+
+    def usage(self, completion_tokens: int, cached: int) -> dict[str, Any]:
+        prompt_tokens = sum(len(ids) for _, ids in self.prompts)
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
+
+
+async def _full(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
+    n = ctx.body.n
+    want_lp = ctx.body.logprobs is not None
+    texts: dict[int, list[str]] = {}
+    lps: dict[int, dict[str, list]] = {}
+    reasons: dict[int, tuple[str | None, Any]] = {}
+    completion_tokens = 0
+    cached: dict[int, int] = {}
+    async for p, out in merge(streams):
+        cached[p] = getattr(out, "num_cached_tokens", 0) or 0
+        for c in out.outputs:
+            idx = p * n + c.index
+            if idx not in texts:
+                texts[idx] = [ctx.prompts[p][0] or ""] if ctx.body.echo else []
+                lps[idx] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+            completion_tokens += len(c.token_ids)
+            if want_lp:
+                offset = sum(len(t) for t in texts[idx])
+                completion_logprobs(lps[idx], c, ctx.tokenizer, ctx.body.logprobs, offset)
+            texts[idx].append(c.text)
+            if c.finish_reason is not None:
+                reasons[idx] = (c.finish_reason, c.stop_reason)
+    choices = []
+    for idx in sorted(texts):
+        reason, stop_reason = reasons.get(idx, (None, None))
+        choices.append({"index": idx, "text": "".join(texts[idx]), "logprobs": lps[idx] if want_lp else None,
+                        "finish_reason": reason, "stop_reason": stop_reason})
+    return {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+            "choices": choices, "usage": ctx.usage(completion_tokens, sum(cached.values())),
+            "system_fingerprint": None}
+
+
+async def _stream(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> AsyncIterator[dict[str, Any]]:
+    n = ctx.body.n
+    include_usage = bool(ctx.body.stream_options and ctx.body.stream_options.include_usage)
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+    cached: dict[int, int] = {}
+    async for p, out in merge(streams):
+        cached[p] = getattr(out, "num_cached_tokens", 0) or 0
+        for c in out.outputs:
+            idx = p * n + c.index
+            text = c.text
+            if idx not in offsets:
+                offsets[idx] = 0
+                if ctx.body.echo:
+                    text = (ctx.prompts[p][0] or "") + text
+            if not text and not c.token_ids and c.finish_reason is None:
+                continue
+            completion_tokens += len(c.token_ids)
+            lp = None
+            if ctx.body.logprobs is not None:
+                lp = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+                completion_logprobs(lp, c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
+            offsets[idx] += len(text)
+            chunk: dict[str, Any] = {
+                "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+                "choices": [{"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                             "stop_reason": c.stop_reason}],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk
+    if include_usage:
+        yield {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+               "choices": [], "usage": ctx.usage(completion_tokens, sum(cached.values()))}
+

@@ -1,0 +1,219 @@
+"""What every generation endpoint shares: parsing bodies, checking the model, building SamplingParams,
+admission (429), and running one engine request while recording metrics and aborting on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import (
+    APIError,
+    context_length_exceeded,
+    engine_dead,
+    invalid_param,
+    model_not_found,
+    unavailable,
+    validation_message,
+)
+from tokenmill.server.metrics import RequestTiming
+from tokenmill.server.state import ServerState
+
+M = TypeVar("M", bound=BaseModel)
+_FIELD_RE = re.compile(r"invalid (\w+)=")
+
+
+async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
+    """Read and validate a JSON body: 413 over the limit, 400 for bad UTF-8 / JSON / fields (never 422)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {max_bytes} bytes.",
+                       code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"Request body exceeds the limit of {max_bytes} bytes.", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"Request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        msg, param = validation_message(exc)
+        raise APIError(400, msg, param=param, code="invalid_parameter") from None
+
+
+def check_ready(state: ServerState) -> None:
+    if state.draining:
+        raise unavailable("The server is shutting down and accepts no new requests.")
+    if state.engine is None:
+        if state.load_error:
+            raise engine_dead(state.load_error)
+        raise unavailable("The model is still loading; retry shortly (GET /health turns 200 when ready).")
+    if state.engine.errored:
+        raise engine_dead()
+
+
+def check_model(state: ServerState, model: str | None) -> str:
+    """The served name to report; 404 for a name this server does not serve. None means the default."""
+    if model is None or model in state.served_model_names:
+        return model or state.served_model_names[0]
+    raise model_not_found(model, state.served_model_names)
+
+
+def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num_prompt_tokens: int,
+                    max_model_len: int, prompt_param: str) -> SamplingParams:
+    """SamplingParams from a request body; ValueError -> 400 naming the field; 400 when too long."""
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid_param("max_tokens", f"invalid max_tokens={max_tokens}: must be an integer >= 1")
+    if num_prompt_tokens == 0:
+        raise invalid_param(prompt_param, f"invalid {prompt_param}: the prompt is empty (0 tokens)")
+    if max_tokens is None:
+        room = max_model_len - num_prompt_tokens
+        if room < 1:
+            raise context_length_exceeded(num_prompt_tokens, None, max_model_len, prompt_param)
+        max_tokens = room
+    elif num_prompt_tokens + max_tokens > max_model_len:
+        raise context_length_exceeded(num_prompt_tokens, max_tokens, max_model_len, prompt_param)
+    if body.best_of is not None and body.best_of != body.n:
+        raise invalid_param("best_of", f"invalid best_of={body.best_of}: only best_of == n (or unset) is supported")
+    bias = None
+    if body.logit_bias:
+        bias = {}
+        for k, v in body.logit_bias.items():
+            if not k.lstrip("-").isdigit():
+                raise invalid_param("logit_bias", f"invalid logit_bias key {k!r}: keys must be token ids")
+            bias[int(k)] = v
+    kwargs: dict[str, Any] = dict(
+        n=body.n,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        seed=body.seed,
+        stop=body.stop or [],
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        logit_bias=bias,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        m = _FIELD_RE.search(str(exc))
+        raise invalid_param(m.group(1) if m else "body", str(exc)) from None
+
+
+def admit(state: ServerState, num_seqs: int) -> None:
+    """429 when the sequences that must wait for a batch slot exceed --max-queued-requests.
+
+    Waiting = in-flight sequences beyond max_num_seqs, or the core's own waiting count when KV space
+    (not the batch size) is what holds them back, whichever is larger.
+    """
+    limit = state.server_config.max_queued_requests
+    if limit is None:
+        return
+    max_seqs = state.engine_config.scheduler.max_num_seqs
+    queued = max(0, state.in_flight_seqs - max_seqs, state.last_num_waiting)
+    must_wait = state.in_flight_seqs + num_seqs > max_seqs or state.last_num_waiting > 0
+    if must_wait and queued + num_seqs > limit:
+        raise APIError(429, f"Too many requests waiting ({queued} sequences queued, limit {limit}); retry later.",
+                       "rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def generate(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                   priority: int) -> AsyncIterator[Any]:
+    """One engine request as an async iterator of RequestOutput deltas.
+
+    Records metrics as tokens arrive; if the consumer stops early (disconnect, cancel, error) the request
+    is aborted in the engine so its blocks are freed.
+    """
+    engine = state.engine
+    assert engine is not None
+    timing = RequestTiming(arrival=time.monotonic())
+    prev: float | None = None
+    finished: dict[int, str] = {}
+    state.in_flight_seqs += params.n
+    try:
+        try:
+            async for out in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority):
+                now = time.monotonic()
+                new = sum(len(c.token_ids) for c in out.outputs)
+                if new:
+                    if timing.first_token is None:
+                        timing.first_token = now
+                        timing.scheduled = _scheduled_time(out, timing)
+                    state.metrics.observe_token(now, prev, new, timing)
+                    prev = timing.last_token = now
+                for c in out.outputs:
+                    if c.finish_reason is not None:
+                        finished[c.index] = c.finish_reason
+                yield out
+        except (APIError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if engine.errored:
+                raise engine_dead(str(exc)) from exc
+            raise APIError(500, f"generation failed: {exc}", "internal_error", code="engine_error") from exc
+    finally:
+        state.in_flight_seqs -= params.n
+        now = time.monotonic()
+        if len(finished) < params.n and not engine.errored:
+            await _abort_quietly(engine, request_id)
+        reason = _overall_reason(finished, params.n)
+        state.metrics.observe_finished(timing, reason, len(prompt_ids), now)
+
+
+def _scheduled_time(out: Any, timing: RequestTiming) -> float:
+    # The core reports how long the request waited when it has the figure; otherwise only the front end's
+    # view exists and queueing is folded into prefill.
+    queued = getattr(getattr(out, "metrics", None), "queue_time_s", None)
+    if queued is not None:
+        return timing.arrival + float(queued)
+    return timing.arrival
+
+
+def _overall_reason(finished: dict[int, str], n: int) -> str:
+    if len(finished) < n:
+        return "abort"
+    reasons = set(finished.values())
+    for r in ("error", "abort", "length", "stop"):
+        if r in reasons:
+            return r
+    return next(iter(reasons))
+
+
+async def _abort_quietly(engine: Any, request_id: str) -> None:
+    try:
+        await asyncio.shield(engine.abort(request_id))
+    except Exception:  # noqa: BLE001 - the core may be gone; nothing left to free then
+        pass

@@ -1,0 +1,46 @@
+"""POST /tokenize and /detokenize (vLLM's extra endpoints), GET /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.server.errors import invalid_param
+from tokenmill.server.protocol import DetokenizeRequest, TokenizeRequest
+from tokenmill.server.serving_chat import render_chat
+from tokenmill.server.serving_engine import check_model, check_ready, read_body
+from tokenmill.server.state import ServerState
+
+
+async def tokenize(state: ServerState, request: Request) -> Response:
+    body = await read_body(request, TokenizeRequest, state.server_config.max_body_bytes)
+    check_ready(state)
+    check_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid_param("prompt", "invalid request: give exactly one of prompt or messages")
+    tok = state.engine.tokenizer
+    if body.messages is not None:
+        text = render_chat(state, body.messages, body.add_generation_prompt)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.model_info.max_model_len})
+
+
+async def detokenize(state: ServerState, request: Request) -> Response:
+    body = await read_body(request, DetokenizeRequest, state.server_config.max_body_bytes)
+    check_ready(state)
+    check_model(state, body.model)
+    vocab = state.engine.model_info.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise invalid_param("tokens", f"invalid tokens: id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return JSONResponse({"prompt": state.engine.tokenizer.decode(body.tokens)})
+
+
+def list_models(state: ServerState) -> Response:
+    max_len = state.engine.model_info.max_model_len if state.engine is not None else None
+    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "tokenmill",
+             "root": state.engine_config.model.model or name, "parent": None, "max_model_len": max_len}
+            for name in state.served_model_names]
+    return JSONResponse({"object": "list", "data": data})

@@ -1,0 +1,35 @@
+"""The one mutable object of a server process, stored on `app.state.tokenmill`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.server.metrics import ServerMetrics
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Invariants: `engine` is None until the core reports ready; `in_flight_seqs` counts sequences of
+    requests submitted and not yet finished (each request adds its n)."""
+
+    engine_config: EngineConfig
+    server_config: ServerConfig
+    served_model_names: list[str]
+    registry: CollectorRegistry
+    metrics: ServerMetrics
+    engine: Any = None  # tokenmill.engine.async_llm.AsyncLLM once loaded
+    chat_template: str | None = None  # --chat-template override (file contents or inline jinja)
+    load_error: str | None = None
+    draining: bool = False
+    in_flight_seqs: int = 0
+    last_num_waiting: int = 0
+    created: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
