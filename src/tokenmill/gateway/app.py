@@ -1,0 +1,286 @@
+"""The gateway: an OpenAI-compatible reverse proxy in front of pools of replicas.
+
+A request is authenticated and rate-limited, resolved to a pool (by model name, or by an alias scored
+small/large), admitted (a replica slot now, or a wait in the pool's queue), then forwarded; failures
+before the first byte are retried once on another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tokenmill.gateway.actuators import Actuator, make_actuator
+from tokenmill.gateway.autoscaler import PoolScaler
+from tokenmill.gateway.config import GatewayConfig
+from tokenmill.gateway.health import HealthChecker
+from tokenmill.gateway.limits import AuthError, KeyRing, RateLimiter, estimate_tokens
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.model_router import ModelRouter, Scorer, prompt_text
+from tokenmill.gateway.pool import Pool
+from tokenmill.gateway.proxy import Opened, RelayResult, UpstreamFailure, open_upstream, relay, upstream_headers
+from tokenmill.gateway.queue import QueueFull, QueueTimeout
+from tokenmill.gateway.router import RouteContext
+from tokenmill.gateway.scraper import Scraper
+
+log = logging.getLogger("tokenmill.gateway")
+
+
+def error_response(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                   retry_after: float | None = None) -> JSONResponse:
+    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gateway:
+    """Owns pools, the upstream client and the background loops (health, scrape, autoscale)."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None,
+                 scorers: dict[str, Scorer] | None = None, actuators: dict[str, Actuator] | None = None) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics(registry)
+        self.pools = {p.name: Pool(p, config.queue) for p in config.pools}
+        self.keys = KeyRing(config.api_keys)
+        self.limiter = RateLimiter()
+        up = config.upstream
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(up.read_timeout_s, connect=up.connect_timeout_s),
+            limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=up.max_connections))
+        self.model_router = ModelRouter(config.routes, self.client, scorers)
+        self.health = HealthChecker(self.client, list(self.pools.values()), config.health, self.metrics)
+        self.scraper = Scraper(self.client, lambda: [r for p in self.pools.values() for r in p.replicas],
+                               config.health.scrape_interval_s, config.health.timeout_s)
+        self.scalers: dict[str, PoolScaler] = {}
+        for p in self.pools.values():
+            if p.config.autoscale is not None:
+                act = (actuators or {}).get(p.name) or make_actuator(p.config.spec)  # type: ignore[arg-type]
+                self.scalers[p.name] = PoolScaler(p, act, self.metrics, self.client)
+        self.routing_counts: dict[str, dict[str, int]] = {a: {} for a in self.model_router.routes}
+        self._tasks: list[asyncio.Task] = []
+        for name, pool in self.pools.items():
+            self.metrics.queue_depth.labels(name).set_function(lambda p=pool: len(p.queue))
+            self.metrics.replicas_ready.labels(name).set_function(lambda p=pool: len(p.ready_replicas()))
+            self.metrics.replicas_desired.labels(name).set_function(lambda p=pool: p.desired)
+
+    async def start(self) -> None:
+        await self.health.check_all()  # learn model names and drop dead replicas before serving
+        self._tasks = [asyncio.create_task(self.health.run()), asyncio.create_task(self.scraper.run())]
+        self._tasks += [asyncio.create_task(s.run()) for s in self.scalers.values()]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in self.scalers.values()), return_exceptions=True)
+        await self.client.aclose()
+
+    def pool_for(self, model: str | None) -> Pool | None:
+        if model is None:
+            return next(iter(self.pools.values())) if len(self.pools) == 1 else None
+        if model in self.pools:
+            return self.pools[model]
+        for p in self.pools.values():
+            if model in p.model_names or any(model in r.model_names for r in p.replicas):
+                return p
+        return None
+
+    def model_list(self) -> list[str]:
+        names: list[str] = []
+        for p in self.pools.values():
+            names += list(p.model_names) or [p.config.model or p.name]
+        names += list(self.model_router.routes)
+        return list(dict.fromkeys(names))
+
+    def dashboard_extra(self) -> dict:
+        return {"pools": {n: {"replicas_desired": p.desired, "replicas_ready": len(p.ready_replicas()),
+                              "queue_depth": len(p.queue), "outstanding": p.outstanding()}
+                          for n, p in self.pools.items()},
+                "routing": {a: dict(c) for a, c in self.routing_counts.items()}}
+
+    # -- one request ---------------------------------------------------------------------
+    async def handle(self, request: Request, path: str) -> Response:
+        arrived = time.monotonic()
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return error_response(400, "request body is not valid JSON", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error_response(400, "request body must be a JSON object", "invalid_request_error")
+        hdrs = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            caller = self.keys.authenticate(hdrs.get("authorization"), hdrs.get("x-api-key"))
+        except AuthError as e:
+            self.metrics.requests.labels("none", "401").inc()
+            return error_response(401, str(e), "invalid_request_error", "invalid_api_key")
+        model = body.get("model")
+        extra_headers: dict[str, str] = {}
+        if isinstance(model, str) and self.model_router.is_alias(model):
+            decision = await self.model_router.route(model, body)
+            pool = self.pools[decision.pool]
+            self.metrics.routing_decisions.labels(model, pool.name).inc()
+            counts = self.routing_counts[model]
+            counts[pool.name] = counts.get(pool.name, 0) + 1
+            extra_headers["x-tokenmill-complexity"] = f"{decision.score.value:.4f}"
+        else:
+            pool = self.pool_for(model if isinstance(model, str) else None)
+        if pool is None:
+            self.metrics.requests.labels("none", "404").inc()
+            return error_response(404, f"The model `{model}` does not exist; available: "
+                                  f"{', '.join(self.model_list())}", "invalid_request_error", "model_not_found", "model")
+        extra_headers["x-tokenmill-pool"] = pool.name
+        wait = self.limiter.check(caller, estimate_tokens(body), time.monotonic())
+        if wait is not None:
+            self.metrics.requests.labels(pool.name, "429").inc()
+            return error_response(429, f"rate limit of API key {caller.name!r} exceeded; retry in {wait:.1f} s",
+                                  "rate_limit_error", "rate_limit_exceeded", retry_after=wait)
+        priority = caller.priority + _request_priority(body, hdrs.get(self.config.queue.priority_header.lower()))
+        ctx = RouteContext(affinity_key=hdrs.get("x-session-id") or
+                           (prompt_text(body)[: pool.config.affinity_prefix_chars] or None))
+        return await self._forward(pool, path, body, raw, hdrs, ctx, priority, caller.name, arrived, extra_headers)
+
+    async def _admit(self, pool: Pool, ctx: RouteContext, priority: int, key: str,
+                     exclude: frozenset[str] = frozenset()):
+        try:
+            replica, waited = await pool.acquire(ctx, priority, key, exclude)
+        except QueueFull as e:
+            self.metrics.requests.labels(pool.name, "429").inc()
+            return error_response(429, f"{e}; retry later", "rate_limit_error", "queue_full",
+                                  retry_after=self.config.queue.retry_after_s)
+        except QueueTimeout as e:
+            self.metrics.requests.labels(pool.name, "503").inc()
+            return error_response(503, str(e), "server_error", "queue_timeout",
+                                  retry_after=self.config.queue.retry_after_s)
+        self.metrics.queue_time.labels(pool.name).observe(waited)
+        return replica
+
+    async def _forward(self, pool: Pool, path: str, body: dict, raw: bytes, hdrs: dict[str, str],
+                       ctx: RouteContext, priority: int, key: str, arrived: float,
+                       extra_headers: dict[str, str]) -> Response:
+        admitted = await self._admit(pool, ctx, priority, key)
+        if isinstance(admitted, Response):
+            return admitted
+        replica = admitted
+        up_headers = upstream_headers(hdrs, pool.config.api_key, pass_auth=not self.keys.enabled)
+        stream = body.get("stream") is True
+        opened: Opened | None = None
+        for attempt in (0, 1):
+            content = _body_for(replica.model_names or pool.model_names, body, raw)
+            try:
+                opened = await open_upstream(self.client, f"{replica.url}{path}", content, up_headers,
+                                             self.config.upstream.first_byte_timeout_s)
+                break
+            except UpstreamFailure as e:
+                log.warning("pool %s: %s", pool.name, e)
+                self.health.passive_failure(pool, replica, hard=e.hard)
+                pool.release(replica)
+                if attempt == 1:
+                    if e.response is not None:
+                        status, rh, data = e.response
+                        self.metrics.requests.labels(pool.name, str(status)).inc()
+                        return Response(data, status_code=status, headers={**rh, **extra_headers})
+                    self.metrics.requests.labels(pool.name, "503").inc()
+                    return error_response(503, f"no replica of pool {pool.name!r} could serve the request: {e}",
+                                          "server_error", "upstream_unavailable", retry_after=1)
+                self.metrics.retries.labels(pool.name).inc()
+                admitted = await self._admit(pool, ctx, priority, key, frozenset({replica.url}))
+                if isinstance(admitted, Response):
+                    return admitted
+                replica = admitted
+        assert opened is not None
+        self.health.passive_success(replica)
+        headers = {**opened.headers, **extra_headers, "x-tokenmill-replica": replica.url}
+        name = pool.name
+
+        def on_first() -> None:
+            if stream:
+                ttft = time.monotonic() - arrived
+                self.metrics.ttft.labels(name).observe(ttft)
+                pool.record_ttft(ttft)
+
+        def on_done(res: RelayResult) -> None:
+            pool.release(replica)
+            self.metrics.upstream_latency.labels(name).observe(time.monotonic() - opened.sent_at)
+            self.metrics.output_tokens.labels(name).inc(res.output_tokens)
+            self.metrics.requests.labels(name, "stream_error" if res.failed else str(opened.status)).inc()
+            if res.failed:
+                self.health.passive_failure(pool, replica)
+
+        if stream and opened.status == 200:
+            return StreamingResponse(relay(opened, on_first, on_done), status_code=opened.status, headers=headers)
+        chunks = [c async for c in relay(opened, on_first, on_done)]
+        return Response(b"".join(chunks), status_code=opened.status, headers=headers)
+
+
+def _request_priority(body: dict, header: str | None) -> int:
+    p = body.get("priority")
+    if isinstance(p, int) and not isinstance(p, bool):
+        return p
+    if header is not None:
+        with contextlib.suppress(ValueError):
+            return int(header)
+    return 0
+
+
+def _body_for(served: tuple[str, ...], body: dict, raw: bytes) -> bytes:
+    """The body as sent, or with `model` rewritten when the client named an alias or a pool."""
+    model = body.get("model")
+    if not served or model in served or model is None:
+        return raw
+    return json.dumps({**body, "model": served[0]}).encode()
+
+
+def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
+               scorers: dict[str, Scorer] | None = None, actuators: dict[str, Actuator] | None = None) -> FastAPI:
+    gw = Gateway(config, registry, scorers, actuators)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="tokenmill gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
+        async def endpoint(request: Request, _path: str = path) -> Response:
+            return await gw.handle(request, _path)
+        app.add_api_route(path, endpoint, methods=["POST"], name=path)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        now = int(time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "tokenmill"} for m in gw.model_list()]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        pools = {n: {"ready": len(p.ready_replicas()), "desired": p.desired, "queued": len(p.queue)}
+                 for n, p in gw.pools.items()}
+        ok = any(v["ready"] or gw.pools[n].autoscaled for n, v in pools.items())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "pools": pools}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    try:
+        from tokenmill.dashboard.router import dashboard_router
+    except ImportError:
+        dashboard_router = None  # the dashboard module is optional for the proxy
+    if dashboard_router is not None:
+        app.include_router(dashboard_router(gw.metrics.registry, extra=gw.dashboard_extra))
+    return app

@@ -1,0 +1,96 @@
+"""Active health checks (GET /health) and the passive side: ejection after consecutive failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from tokenmill.gateway.config import HealthConfig
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pool import Pool
+from tokenmill.gateway.replicas import Replica, ReplicaState
+
+log = logging.getLogger("tokenmill.gateway")
+
+
+async def fetch_model_names(client: httpx.AsyncClient, url: str, timeout_s: float) -> tuple[str, ...]:
+    try:
+        resp = await client.get(f"{url}/v1/models", timeout=timeout_s)
+        if resp.status_code == 200:
+            return tuple(m["id"] for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m)
+    except (httpx.HTTPError, ValueError, KeyError, AttributeError):
+        pass
+    return ()
+
+
+class HealthChecker:
+    """Invariants: a replica leaves rotation (EJECTED) after `failure_threshold` consecutive failures, counted
+    from active checks and from proxied requests alike; it comes back only through a passing /health at
+    least `eject_s` after the ejection. STARTING replicas become READY on their first passing check."""
+
+    def __init__(self, client: httpx.AsyncClient, pools: Sequence[Pool], config: HealthConfig,
+                 metrics: GatewayMetrics) -> None:
+        self._client = client
+        self._pools = pools
+        self.config = config
+        self._metrics = metrics
+
+    def passive_failure(self, pool: Pool, replica: Replica, hard: bool = False) -> None:
+        """A proxied request failed before its first byte; `hard` (connection refused) ejects at once."""
+        ejected = replica.eject_now() if hard else replica.record_failure(self.config.failure_threshold)
+        if ejected:
+            self._metrics.ejections.labels(pool.name).inc()
+            log.warning("pool %s: ejected %s after request failures", pool.name, replica.url)
+
+    def passive_success(self, replica: Replica) -> None:
+        replica.record_success()
+
+    async def probe(self, replica: Replica) -> bool:
+        try:
+            resp = await self._client.get(f"{replica.url}/health", timeout=self.config.timeout_s)
+            return resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def check_replica(self, pool: Pool, replica: Replica) -> None:
+        if replica.state is ReplicaState.DRAINING or replica.state is ReplicaState.STARTING and replica.managed:
+            return  # draining replicas are on their way out; the scaler watches its own starting ones
+        ok = await self.probe(replica)
+        now = time.monotonic()
+        if ok:
+            if not replica.model_names:
+                replica.model_names = await fetch_model_names(self._client, replica.url, self.config.timeout_s)
+                self._merge_names(pool, replica)
+            if replica.state is ReplicaState.STARTING:
+                replica.readmit()
+                log.info("pool %s: replica %s is ready", pool.name, replica.url)
+                pool.dispatch()
+            elif replica.state is ReplicaState.EJECTED and now - (replica.ejected_at or now) >= self.config.eject_s:
+                replica.readmit()
+                log.info("pool %s: re-admitted %s", pool.name, replica.url)
+                pool.dispatch()
+            elif replica.state is ReplicaState.READY:
+                replica.record_success()
+        elif replica.state is ReplicaState.READY:
+            if replica.record_failure(self.config.failure_threshold, now):
+                self._metrics.ejections.labels(pool.name).inc()
+                log.warning("pool %s: ejected %s (health check failed)", pool.name, replica.url)
+
+    @staticmethod
+    def _merge_names(pool: Pool, replica: Replica) -> None:
+        if pool.config.model is None:
+            pool.model_names = tuple(dict.fromkeys(pool.model_names + replica.model_names))
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check_replica(p, r) for p in self._pools for r in list(p.replicas)))
+        for p in self._pools:
+            self._metrics.replicas_ready.labels(p.name).set(len(p.ready_replicas()))
+
+    async def run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.config.interval_s)

@@ -1,0 +1,138 @@
+"""Forwarding one request upstream: open it, read the first body chunk, and relay the rest as it arrives.
+
+The first chunk is read before any byte goes to the client, so everything that fails before it
+(connection refused, 5xx, timeout) can still be retried elsewhere. After that the stream is relayed
+chunk by chunk; if the replica dies, the client gets an SSE error event and `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+# Response headers not relayed: hop-by-hop ones, and length (a relayed stream is re-chunked).
+_DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
+# Request headers passed upstream; authorization is decided by the gateway.
+_PASS_REQUEST = ("content-type", "accept", "x-session-id", "x-request-id", "user-agent", "openai-organization")
+_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_TOKEN_EVENT = re.compile(rb'"(?:text|content)"\s*:\s*"(?!")')
+
+
+class UpstreamFailure(Exception):
+    """Failed before the first byte reached the client: safe to retry. `hard`: nothing is listening."""
+
+    def __init__(self, message: str, hard: bool = False, response: tuple[int, dict, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.hard = hard
+        self.response = response  # an upstream 5xx (status, headers, body), relayed if no retry is left
+
+
+@dataclass(slots=True)
+class Opened:
+    status: int
+    headers: dict[str, str]
+    first: bytes
+    rest: AsyncIterator[bytes]
+    response: httpx.Response
+    sent_at: float
+
+
+def upstream_headers(incoming: dict[str, str], api_key: str | None, pass_auth: bool) -> dict[str, str]:
+    out = {k: incoming[k] for k in _PASS_REQUEST if k in incoming}
+    if api_key:
+        out["authorization"] = f"Bearer {api_key}"
+    elif pass_auth and "authorization" in incoming:
+        out["authorization"] = incoming["authorization"]
+    return out
+
+
+def response_headers(resp: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+
+
+async def open_upstream(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+                        first_byte_timeout_s: float) -> Opened:
+    """Send the request and read until the first body chunk. Raises UpstreamFailure (retryable)."""
+    sent_at = time.monotonic()
+    req = client.build_request("POST", url, content=body, headers=headers)
+    resp: httpx.Response | None = None
+    try:
+        async with asyncio.timeout(first_byte_timeout_s):
+            resp = await client.send(req, stream=True)
+            if resp.status_code >= 500:
+                data = await resp.aread()
+                await resp.aclose()
+                raise UpstreamFailure(f"upstream answered {resp.status_code}",
+                                      response=(resp.status_code, response_headers(resp), data))
+            it = resp.aiter_raw()
+            try:
+                first = await anext(it)
+            except StopAsyncIteration:
+                first = b""
+    except UpstreamFailure:
+        raise
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        raise UpstreamFailure(f"cannot connect to {url}: {e!r}", hard=True) from None
+    except (httpx.HTTPError, TimeoutError, OSError) as e:
+        if resp is not None:
+            await resp.aclose()
+        raise UpstreamFailure(f"{url} failed before the first byte: {e!r}") from None
+    return Opened(resp.status_code, response_headers(resp), first, it, resp, sent_at)
+
+
+def error_event(message: str) -> bytes:
+    err = {"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}}
+    return b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class RelayResult:
+    output_tokens: int = 0
+    failed: bool = False
+
+
+def count_tokens(chunk: bytes, result: RelayResult, usage: list[int]) -> None:
+    m = _USAGE.findall(chunk)
+    if m:
+        usage.append(int(m[-1]))
+    result.output_tokens += len(_TOKEN_EVENT.findall(chunk))
+
+
+async def relay(opened: Opened, on_first: Callable[[], None],
+                on_done: Callable[[RelayResult], None]) -> AsyncIterator[bytes]:
+    """Yield the upstream body chunk by chunk. Closing this generator (client gone) closes upstream."""
+    result = RelayResult()
+    usage: list[int] = []
+    tail = b"\n\n"
+    try:
+        if opened.first:
+            on_first()
+            count_tokens(opened.first, result, usage)
+            tail = opened.first[-2:]
+            yield opened.first
+        while True:
+            try:
+                chunk = await anext(opened.rest)
+            except StopAsyncIteration:
+                break
+            except (httpx.HTTPError, OSError) as e:
+                result.failed = True
+                # Terminate a half-sent event first so the error event parses on its own.
+                prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
+                yield prefix + error_event(f"upstream replica failed mid-stream: {type(e).__name__}")
+                break
+            if chunk:
+                count_tokens(chunk, result, usage)
+                tail = (tail + chunk)[-2:]
+                yield chunk
+    finally:
+        await opened.response.aclose()
+        if usage:
+            result.output_tokens = usage[-1]
+        on_done(result)

@@ -1,0 +1,145 @@
+"""A small real OpenAI-compatible TEST replica: deterministic tokens with a configurable delay.
+
+Not a model server. It exists so gateway tests can start replicas in well under a second and make
+one deliberately slow, failing or killable. It speaks the same HTTP surface the gateway relies on:
+/v1/completions and /v1/chat/completions (stream or not), /v1/embeddings (hashed bag of words),
+/v1/models, /health, and /metrics with tokenmill_num_requests_waiting / _running / kv_cache_usage_perc.
+
+    python tests/gateway/replica_server.py --port 8001 --token-delay 0.01 --max-running 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    app = FastAPI()
+    sem = asyncio.Semaphore(args.max_running)
+    state = {"waiting": 0, "running": 0, "served": 0}
+
+    def token(i: int) -> str:
+        return f" w{i}"
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "test"}]})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        lab = f'{{model_name="{args.model}"}}'
+        kv = min(1.0, state["running"] / max(1, args.max_running))
+        return PlainTextResponse(
+            f"# TYPE tokenmill_num_requests_waiting gauge\ntokenmill_num_requests_waiting{lab} {state['waiting']}\n"
+            f"# TYPE tokenmill_num_requests_running gauge\ntokenmill_num_requests_running{lab} {state['running']}\n"
+            f"# TYPE tokenmill_kv_cache_usage_perc gauge\ntokenmill_kv_cache_usage_perc{lab} {kv}\n"
+            f"# TYPE test_replica_served counter\ntest_replica_served_total {state['served']}\n")
+
+    async def generate(body: dict, chat: bool, request: Request):
+        if args.fail_status:
+            return JSONResponse({"error": {"message": "test replica failing on purpose", "type": "server_error",
+                                           "param": None, "code": None}}, status_code=args.fail_status)
+        if body.get("model") not in (None, args.model):
+            return JSONResponse({"error": {"message": f"model {body.get('model')} not found",
+                                           "type": "invalid_request_error", "param": "model",
+                                           "code": "model_not_found"}}, status_code=404)
+        n_tok = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        obj = "chat.completion" if chat else "text_completion"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{args.port}-{state['served']}"
+        state["waiting"] += 1
+        await sem.acquire()
+        state["waiting"] -= 1
+        state["running"] += 1
+
+        def done() -> None:
+            state["running"] -= 1
+            state["served"] += 1
+            sem.release()
+
+        if not body.get("stream"):
+            try:
+                await asyncio.sleep(args.ttft_delay + args.token_delay * n_tok)
+                text = "".join(token(i) for i in range(n_tok))
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                          if chat else {"index": 0, "text": text, "finish_reason": "length"})
+                return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": args.model,
+                                     "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": n_tok,
+                                                                    "total_tokens": n_tok + 1}})
+            finally:
+                done()
+
+        async def events():
+            try:
+                await asyncio.sleep(args.ttft_delay)
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                for i in range(n_tok):
+                    if i:
+                        await asyncio.sleep(args.token_delay)
+                    last = i == n_tok - 1
+                    choice = ({"index": 0, "delta": {"content": token(i)} if i else {"role": "assistant",
+                               "content": token(i)}, "finish_reason": "length" if last else None}
+                              if chat else {"index": 0, "text": token(i), "finish_reason": "length" if last else None})
+                    yield f"data: {json.dumps({'id': rid, 'object': kind, 'model': args.model, 'choices': [choice]})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                done()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(await request.json(), False, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await generate(await request.json(), True, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        body = await request.json()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": embed(str(t))} for i, t in enumerate(inputs)]
+        return JSONResponse({"object": "list", "data": data, "model": args.model,
+                             "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+    return app
+
+
+def embed(text: str, dim: int = 64) -> list[float]:
+    """Hashed bag of lower-cased words, L2-normalised: texts sharing words are similar."""
+    v = [0.0] * dim
+    for w in text.lower().split():
+        h = int.from_bytes(hashlib.md5(w.strip(".,!?:;()").encode()).digest()[:4], "big")
+        v[h % dim] += 1.0
+    n = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / n for x in v]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model", default="test-model")
+    ap.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
+    ap.add_argument("--ttft-delay", type=float, default=0.0, help="seconds before the first token")
+    ap.add_argument("--max-running", type=int, default=64, help="requests generated at once; others wait")
+    ap.add_argument("--fail-status", type=int, default=0, help="answer every generation with this status")
+    args = ap.parse_args()
+    uvicorn.run(build_app(args), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
