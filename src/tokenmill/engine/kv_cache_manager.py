@@ -130,11 +130,11 @@ class KVCacheManager:
             if g.sliding_window is None:
                 continue
             end = min(self._window_start(g, num_computed), len(table))
-            for i in range(end - 1, -1, -1):  # newest first; stop at the first already released
-                if table[i] == NULL_BLOCK_ID:
-                    break
-                pool.free([table[i]])
-                table[i] = NULL_BLOCK_ID
+            # released entries form a prefix; free oldest first so the oldest is evicted first
+            for i in range(end):
+                if table[i] != NULL_BLOCK_ID:
+                    pool.free([table[i]])
+                    table[i] = NULL_BLOCK_ID
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the sequence's newly full, computed blocks in the prefix cache of every group."""

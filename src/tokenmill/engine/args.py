@@ -1,0 +1,79 @@
+"""vLLM-named engine arguments -> EngineConfig, and prompt normalisation shared by LLM and AsyncLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+# vLLM arguments that have no meaning here (GPU sharding, CUDA graphs...): accepted so vLLM code runs unchanged.
+_IGNORED = {
+    "gpu_memory_utilization", "trust_remote_code", "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size",
+    "disable_log_stats", "swap_space", "cpu_offload_gb", "quantization", "revision", "tokenizer_mode",
+    "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config", "enable_lora",
+    "tokenizer_revision", "download_dir", "load_format", "distributed_executor_backend",
+}
+
+
+def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
+    """Build an EngineConfig from vLLM's engine-argument names; unknown names raise TypeError naming them."""
+    for name in _IGNORED & kw.keys():
+        kw.pop(name)
+    m = ModelConfig(
+        model=model,
+        tokenizer=kw.pop("tokenizer", None),
+        dtype=kw.pop("dtype", "auto"),
+        device=kw.pop("device", "auto"),
+        max_model_len=kw.pop("max_model_len", None),
+        task=kw.pop("task", "generate"),
+        served_model_name=kw.pop("served_model_name", None),
+        chat_template=kw.pop("chat_template", None),
+        seed=kw.pop("seed", 0) or 0,
+    )
+    c = CacheConfig(
+        block_size=kw.pop("block_size", None) or 16,
+        kv_cache_memory=kw.pop("kv_cache_memory", None),
+        enable_prefix_caching=kw.pop("enable_prefix_caching", True),
+        num_gpu_blocks_override=kw.pop("num_gpu_blocks_override", None),
+    )
+    chunked = kw.pop("enable_chunked_prefill", None)
+    s = SchedulerConfig(
+        max_num_seqs=kw.pop("max_num_seqs", None) or 64,
+        max_num_batched_tokens=kw.pop("max_num_batched_tokens", None) or 2048,
+        enable_chunked_prefill=True if chunked is None else bool(chunked),
+        policy=kw.pop("scheduling_policy", "fcfs"),
+    )
+    threads = kw.pop("num_threads", None)
+    if kw:
+        raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kw))}")
+    if c.block_size < 1:
+        raise ValueError(f"invalid block_size={c.block_size}: must be a positive integer")
+    return EngineConfig(model=m, cache=c, scheduler=s, num_threads=threads)
+
+
+def normalize_prompt(prompt: Any, tokenizer: Any) -> tuple[str | None, list[int]]:
+    """A prompt is a str, a list of token ids, {"prompt_token_ids": [...]} or {"prompt": str}."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            return prompt.get("prompt"), _check_ids(ids)
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("invalid prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("invalid prompt: text prompts need a tokenizer; pass prompt_token_ids")
+        return prompt, list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, (list, tuple)):
+        return None, _check_ids(prompt)
+    raise ValueError(f"invalid prompt of type {type(prompt).__name__}: must be a str, a list of token ids, "
+                     "or a dict with 'prompt' or 'prompt_token_ids'")
+
+
+def _check_ids(ids: Any) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("invalid prompt_token_ids: must be a list of integers")
+    if not ids:
+        raise ValueError("invalid prompt_token_ids: empty; at least one token is required")
+    return list(ids)

@@ -1,0 +1,175 @@
+"""AsyncLLM: the async engine the HTTP server uses. Tokenization, detokenization and stop strings run here
+(front end); the core sits behind a CoreClient (in-process thread, or core_client.MPCoreClient over ZeroMQ).
+
+generate() yields RequestOutput DELTAS: each CompletionOutput carries only what is new since the last yield,
+and its finish_reason on the last one. One output-handler task reads the core's batches and routes them to
+per-request queues; a request that fails raises in its own generate() only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.args import normalize_prompt
+from tokenmill.engine.inproc_client import CoreClient, EngineDeadError, InProcessCoreClient
+from tokenmill.engine.output_processor import RequestState
+from tokenmill.engine.outputs import RequestOutput, SeqOutputDelta
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.engine.stats import SchedulerStats
+from tokenmill.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(RuntimeError):
+    """One request failed in the engine (e.g. it can never fit in the KV cache); others continue."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, client: CoreClient | None = None) -> None:
+        self.config = config
+        self.client: CoreClient = client if client is not None else InProcessCoreClient(config)
+        self._queues: dict[str, asyncio.Queue[list[SeqOutputDelta] | BaseException]] = {}
+        self._num_samples: dict[str, int] = {}
+        self._handler: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.client.tokenizer
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.client.model_info
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None or bool(self.client.errored)
+
+    def stats(self) -> SchedulerStats:
+        return self.client.stats()
+
+    def _ensure_handler(self) -> None:
+        if self._handler is None or self._handler.done():
+            self._handler = asyncio.get_running_loop().create_task(self._output_loop())
+
+    async def _output_loop(self) -> None:
+        while True:
+            try:
+                batch = await self.client.get_output()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - core gone: every waiter learns it
+                self._dead = e if isinstance(e, EngineDeadError) else EngineDeadError(str(e))
+                for q in self._queues.values():
+                    q.put_nowait(self._dead)
+                return
+            by_req: dict[str, list[SeqOutputDelta]] = {}
+            for d in batch:
+                by_req.setdefault(d.request_id, []).append(d)
+            for rid, ds in by_req.items():
+                q = self._queues.get(rid)
+                if q is not None:
+                    q.put_nowait(ds)
+
+    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutput deltas until every sample of the request has finished.
+        Raises ValueError for invalid input, RequestError if the engine failed this request,
+        EngineDeadError if the core died."""
+        if self.errored:
+            raise self._dead or EngineDeadError(getattr(self.client, "dead_reason", None) or "engine is not running")
+        params = params or SamplingParams()
+        params.validate()
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._queues:
+            raise ValueError(f"invalid request_id={rid!r}: already in use")
+        text, ids = normalize_prompt(prompt, self.tokenizer)
+        max_len = int(self.model_info.get("max_model_len", 0) or 0)
+        if max_len and len(ids) > max_len:
+            raise ValueError(f"invalid prompt: it has {len(ids)} tokens, more than max_model_len={max_len}")
+        state = RequestState(rid, text, ids, params, self.tokenizer)
+        q: asyncio.Queue[list[SeqOutputDelta] | BaseException] = asyncio.Queue()
+        self._queues[rid] = q
+        self._num_samples[rid] = params.n
+        self._ensure_handler()
+        finished = False
+        try:
+            await self.client.add_request(EngineCoreRequest(
+                rid, ids, params, priority=priority, eos_token_ids=list(self.model_info.get("eos_token_ids", []))))
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                while not q.empty():  # coalesce what piled up while the consumer was busy
+                    more = q.get_nowait()
+                    if isinstance(more, BaseException):
+                        raise more
+                    item = item + more
+                outs, aborts = [], []
+                for d in item:
+                    co, abort = state.process(d)
+                    if abort:
+                        aborts.append(abort)
+                    if co is not None:
+                        outs.append(co)
+                if aborts:
+                    await self.client.abort(aborts)
+                finished = state.finished
+                errs = state.errors()
+                if errs:
+                    finished = True
+                    raise RequestError(errs[0])
+                if outs:
+                    yield RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
+                                        outputs=_merge(outs), finished=finished,
+                                        num_cached_tokens=state.num_cached_tokens)
+        finally:
+            self._queues.pop(rid, None)
+            self._num_samples.pop(rid, None)
+            if not finished and not self.errored:
+                # cancelled, consumer stopped early, or failed: free the request's blocks in the core
+                await asyncio.shield(self.client.abort([rid]))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request: the core frees its blocks within one step; its generate() ends with 'abort'."""
+        await self.client.abort([request_id])
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait([SeqOutputDelta(request_id=request_id, index=i, new_token_ids=[], finish_reason="abort")
+                          for i in range(self._num_samples.get(request_id, 1))])
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
+        if not inputs:
+            raise ValueError("invalid input: at least one text or token list is required")
+        batch = [normalize_prompt(x, self.tokenizer)[1] for x in inputs]
+        return await self.client.embed(batch)
+
+    async def shutdown(self) -> None:
+        if self._handler is not None:
+            self._handler.cancel()
+            await asyncio.gather(self._handler, return_exceptions=True)
+        await self.client.shutdown()
+
+
+def _merge(outs: list) -> list:
+    """Coalesced deltas of the same sample become one CompletionOutput (text and tokens concatenated)."""
+    merged: dict[int, Any] = {}
+    for co in outs:
+        cur = merged.get(co.index)
+        if cur is None:
+            merged[co.index] = co
+            continue
+        cur.text += co.text
+        cur.token_ids += co.token_ids
+        if co.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + co.logprobs
+        cur.cumulative_logprob = co.cumulative_logprob
+        cur.finish_reason, cur.stop_reason = co.finish_reason, co.stop_reason
+    return [merged[i] for i in sorted(merged)]

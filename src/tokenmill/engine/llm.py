@@ -1,0 +1,106 @@
+"""`tokenmill.LLM`: the offline facade with vLLM's shapes. Imports the model runner (torch) lazily."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.args import engine_config, normalize_prompt
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.output_processor import RequestState
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.sampling_params import SamplingParams
+
+
+class LLM:
+    """LLM(model=None, **engine_args): model is a HF folder, a .gguf file, a HF-cache name, or None (default).
+
+    engine_args use vLLM's names (max_model_len, block_size, kv_cache_memory, max_num_seqs,
+    max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching, dtype, device, seed,
+    num_gpu_blocks_override, task, tokenizer, scheduling_policy).
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_args: Any) -> None:
+        from tokenmill.executor.model_runner import ModelRunner
+
+        self.config = config or engine_config(model, **engine_args)
+        self.runner = ModelRunner(self.config)
+        self.loaded = self.runner.loaded
+        self.engine = EngineCore(self.config, self.runner) if self.loaded.task == "generate" else None
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: list[int] | None = None, **_: Any) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs in prompt order. use_tqdm is accepted (no progress bar)."""
+        if self.engine is None:
+            raise ValueError(f"invalid task: this model serves task={self.loaded.task!r}; use embed()")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"invalid sampling_params: {len(params)} given for {len(prompts)} prompts; pass one or one per prompt")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"invalid priority: {len(priority)} values for {len(prompts)} prompts")
+        tok = self.loaded.tokenizer
+        eos = list(self.loaded.eos_token_ids)
+        states: dict[str, RequestState] = {}
+        order = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                p.validate()
+                text, ids = normalize_prompt(prompt, tok)
+                rid = str(next(self._ids))
+                self.engine.add_request(EngineCoreRequest(rid, ids, p, priority=priority[i] if priority else 0,
+                                                          eos_token_ids=eos))
+                states[rid] = RequestState(rid, text, ids, p, tok)
+                order.append(rid)
+            while self.engine.has_unfinished():
+                aborts = []
+                for d in self.engine.step():
+                    st = states.get(d.request_id)
+                    if st is None:
+                        continue
+                    _, abort = st.process(d)
+                    if abort:
+                        aborts.append(abort)
+                if aborts:
+                    self.engine.abort(aborts)
+        except BaseException:
+            self.engine.abort(list(states))  # leave no request (and no block) behind
+            raise
+        return [states[rid].final_output() for rid in order]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, **_: Any) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.loaded.tokenizer
+        template = self.loaded.chat_template
+        prompts = []
+        for conv in convs:
+            ids = tok.apply_chat_template(conv, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                          tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def embed(self, prompts: Any, use_tqdm: bool = True, **_: Any) -> list[list[float]]:
+        """Sentence embeddings (task="embed" models): one vector per prompt."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        ids = [normalize_prompt(p, self.loaded.tokenizer)[1] for p in prompts]
+        return self.runner.embed(ids)
+
+    def all_blocks_free(self) -> bool:
+        return self.engine is None or self.engine.all_blocks_free()
