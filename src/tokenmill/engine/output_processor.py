@@ -86,12 +86,13 @@ class RequestState:
         out = []
         tops = d.new_top_logprobs or [None] * len(d.new_token_ids)
         lps = d.new_logprobs or [None] * len(d.new_token_ids)
-        for tok, lp, top in zip(d.new_token_ids, lps, tops):
+        ranks = d.new_ranks or [None] * len(d.new_token_ids)
+        for tok, lp, top, known_rank in zip(d.new_token_ids, lps, tops, ranks):
             entry: dict[int, Logprob] = {}
             ranked = list(top or [])[: self.params.logprobs or 0]
             for r, (alt, alt_lp) in enumerate(ranked, start=1):
                 entry[int(alt)] = Logprob(float(alt_lp), r, self._decode(alt))
-            rank = next((r for r, (alt, _) in enumerate(top or [], start=1) if alt == tok), None)
+            rank = known_rank or next((r for r, (alt, _) in enumerate(top or [], start=1) if alt == tok), None)
             if lp is not None:
                 entry[tok] = Logprob(float(lp), rank, self._decode(tok))
             out.append(entry)

@@ -96,6 +96,7 @@ class SeqOutputDelta:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    new_ranks: list[int | None] | None = None  # 1-based rank of each new token (when logprobs was requested)
 
 
 # ---- client-facing results (vLLM's shapes) ---------------------------------------------------------

@@ -202,6 +202,7 @@ class Scheduler:
                 new_token_ids=[st.token_id],
                 new_logprobs=None if st.logprob is None else [st.logprob],
                 new_top_logprobs=None if st.top_logprobs is None else [list(st.top_logprobs)],
+                new_ranks=None if st.logprob is None else [st.rank],
                 finish_reason=reason,
                 stop_reason=stop_reason,
                 num_prompt_tokens=len(seq.prompt_token_ids),
