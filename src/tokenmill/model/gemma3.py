@@ -91,7 +91,10 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit weight skips reset_parameters: its normal_() over 168M elements costs seconds even on
+        # the meta device that models are built on.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.embed_scale = float(config.hidden_size) ** 0.5
         full, local = gemma_rope_parameters(config)
         max_pos = config.max_position_embeddings

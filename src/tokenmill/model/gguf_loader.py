@@ -1,0 +1,94 @@
+"""load_gguf(ModelConfig) -> LoadedModel: a llama.cpp / Ollama GGUF file as a tokenmill model.
+
+Header parse (gguf_reader, < 1 s), config from metadata (gguf_names), tensors dequantized one at a time
+straight into the model's parameters (gguf_dequant, about 2 s for Gemma 3 270M Q4_K_M), tokenizer from
+the hash-keyed cache (gguf_tokenizer). Weights are kept dequantized in the model dtype: on CPU an fp32
+GEMM is far faster than dequantizing per step, and the conversion is cheap enough not to cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.model.cache_dir import file_hash
+from tokenmill.model.gguf_dequant import dequantize
+from tokenmill.model.gguf_names import build_hf_config, fix_tensor, hf_architecture, hf_tensor_name
+from tokenmill.model.gguf_reader import GGUFFile, read_gguf
+from tokenmill.model.gguf_tokenizer import GEMMA_CHAT_TEMPLATE, load_gguf_tokenizer
+from tokenmill.model.hf_folder import build_model, load_tokenizer, resolve_chat_template
+from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
+from tokenmill.model.registry import resolve_architecture
+
+_GGUF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
+# Ids llama.cpp treats as end-of-generation besides EOS, when the file names them.
+_EOG_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def load_gguf(cfg: ModelConfig) -> LoadedModel:
+    path = Path(cfg.model)
+    if not path.is_file():
+        raise ValueError(f"model={cfg.model!r}: no such GGUF file")
+    gguf = read_gguf(path)
+    arch, cls = resolve_architecture([hf_architecture(gguf)])
+    config = build_hf_config(gguf)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(gguf))
+    tokenizer = load_tokenizer(Path(cfg.tokenizer)) if cfg.tokenizer else load_gguf_tokenizer(path, file_hash(path))
+    model = build_model(cls, config, dtype, device, iter_gguf_weights(gguf, config))
+    template = resolve_chat_template(cfg.chat_template, tokenizer)
+    if template is None and gguf.architecture == "gemma3":
+        template = GEMMA_CHAT_TEMPLATE
+    if template is not None:
+        tokenizer.chat_template = template
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        max_model_len=resolve_max_model_len(cfg.max_model_len, config.max_position_embeddings),
+        eos_token_ids=eos_token_ids(gguf, tokenizer),
+        bos_token_id=config.bos_token_id,
+        chat_template=template,
+        dtype=dtype,
+        device=device,
+        vocab_size=int(config.vocab_size),
+        task="generate",
+        path=str(path),
+    )
+
+
+def iter_gguf_weights(gguf: GGUFFile, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) per GGUF tensor, dequantized and un-permuted, one at a time."""
+    arch = gguf.architecture
+    for name, info in gguf.tensors.items():
+        hf_name = hf_tensor_name(arch, name)
+        if hf_name is None:
+            continue
+        tensor = dequantize(info.data, info.ggml_type, info.shape)
+        yield hf_name, fix_tensor(arch, name, tensor, config)
+
+
+def eos_token_ids(gguf: GGUFFile, tokenizer: Any) -> list[int]:
+    """EOS plus end-of-turn ids: for Gemma `<end_of_turn>` ends a chat reply (HF's generation config
+    lists [1, 106] for Gemma 3), so a served chat stops there instead of running to max_tokens."""
+    ids: list[int] = []
+    for key in _EOG_KEYS:
+        value = gguf.metadata.get(key)
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if gguf.architecture == "gemma3":
+        turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(turn, int) and turn != tokenizer.unk_token_id and turn not in ids:
+            ids.append(turn)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _checkpoint_dtype(gguf: GGUFFile) -> torch.dtype | None:
+    types = {info.ggml_type.name for info in gguf.tensors.values() if len(info.shape) == 2}
+    return _GGUF_DTYPES.get(next(iter(types))) if len(types) == 1 else None
