@@ -139,6 +139,20 @@ def test_priority_policy_orders_admission_and_preempts_lowest_priority():
     assert s.kv.all_free()
 
 
+def test_priority_arrival_preempts_lower_priority_running_for_blocks():
+    s = make_scheduler(num_blocks=5, block_size=4, policy="priority")
+    s.add_request(req("low", list(range(13)), max_tokens=3, priority=5, arrival=1.0))  # 4 blocks: all of them
+    run_step(s)
+    s.add_request(req("high", list(range(20, 27)), max_tokens=2, priority=1, arrival=2.0))
+    out, _ = run_step(s)
+    assert [x.seq_id for x in out.seqs] == ["high#0"]
+    assert out.finished_seq_ids == ["low#0"] and s.num_preemptions == 1
+    assert [q.seq_id for q in s.waiting] == ["low#0"]
+    d = drain(s)
+    assert [x.finish_reason for x in d if x.finish_reason] == ["length", "length"]
+    assert s.kv.all_free()
+
+
 def test_fcfs_ignores_priority():
     s = make_scheduler(max_num_seqs=1)
     s.add_request(req("first", [1, 2], priority=9, arrival=1.0))

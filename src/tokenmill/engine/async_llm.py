@@ -94,6 +94,13 @@ class AsyncLLM:
         max_len = int(self.model_info.get("max_model_len", 0) or 0)
         if max_len and len(ids) > max_len:
             raise ValueError(f"invalid prompt: it has {len(ids)} tokens, more than max_model_len={max_len}")
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and len(ids) > sched.max_num_batched_tokens:
+            raise ValueError(f"invalid prompt: it has {len(ids)} tokens, more than max_num_batched_tokens="
+                             f"{sched.max_num_batched_tokens} while chunked prefill is disabled")
+        vocab = int(self.model_info.get("vocab_size", 0) or 0)
+        if vocab and any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"invalid prompt_token_ids: ids must be in [0, {vocab})")
         state = RequestState(rid, text, ids, params, self.tokenizer)
         q: asyncio.Queue[list[SeqOutputDelta] | BaseException] = asyncio.Queue()
         self._queues[rid] = q

@@ -155,7 +155,16 @@ class Scheduler:
                 if not cfg.enable_chunked_prefill and num_new <= cfg.max_num_batched_tokens:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(seq, hit, num_new, hit_tables):
+            admitted = self.kv.allocate_slots(seq, hit, num_new, hit_tables)
+            while not admitted and self.use_priority and self.running:
+                # a higher-priority arrival takes blocks from the lowest-priority running sequence
+                victim = max(self.running, key=self._key)
+                if self._key(victim) <= self._key(seq):
+                    break
+                budget += scheduled.pop(victim.seq_id, 0)
+                self._preempt(victim)  # re-queued behind seq: its key is larger
+                admitted = self.kv.allocate_slots(seq, hit, num_new, hit_tables)
+            if not admitted:
                 if not self.running:
                     self.waiting.pop(idx)
                     self._fail(seq, self._never_fits_msg(seq))
