@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -32,8 +33,9 @@ class Result:
         return "".join(out)
 
 
-async def post(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None) -> Result:
-    """POST and read everything; streams are parsed as SSE."""
+async def post(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None,
+               on_first: Callable[[Result], None] | None = None) -> Result:
+    """POST and read everything; streams are parsed as SSE. `on_first` sees the result at its first event."""
     if not body.get("stream"):
         r = await client.post(url, json=body, headers=headers)
         res = Result(r.status_code, dict(r.headers))
@@ -58,6 +60,8 @@ async def post(client: httpx.AsyncClient, url: str, body: dict, headers: dict | 
             ev = json.loads(data)
             if res.first_event_at is None:
                 res.first_event_at = time.monotonic()
+                if on_first is not None:
+                    on_first(res)
             if "error" in ev:
                 res.error = ev["error"]
             else:

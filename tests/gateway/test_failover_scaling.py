@@ -33,11 +33,13 @@ def test_kill_a_replica_under_load(procs, gateways):
         async with httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             async def worker() -> None:
                 for _ in range(5):
-                    results.append(await post(c, "/v1/completions", completion(20)))
+                    results.append(await post(c, "/v1/completions", completion(20),
+                                              on_first=lambda res: streaming.add(res.replica)))
 
+            streaming: set[str] = set()
             tasks = [asyncio.create_task(worker()) for _ in range(6)]
-            await asyncio.to_thread(wait_until, lambda: sum(r.outstanding for r in p.replicas
-                                                            if r.url == victim.url) >= 1, 5, "victim busy")
+            while victim.url not in streaming:  # kill it while it is streaming to a client
+                await asyncio.sleep(0.01)
             victim.kill()
             await asyncio.wait_for(asyncio.gather(*tasks), 60)  # never a hang
         return results
@@ -48,7 +50,7 @@ def test_kill_a_replica_under_load(procs, gateways):
     # Only streams already running on the killed replica may fail, and they end with an error event.
     assert all(r.replica == victim.url and r.events for r in broken)
     assert all(r.text == "".join(f" w{i}" for i in range(20)) for r in results if r.error is None)
-    assert len(results) - len(broken) >= 30 - 12
+    assert 1 <= len(broken) <= 12
     dead = next(r for r in p.replicas if r.url == victim.url)
     wait_until(lambda: dead.state is ReplicaState.EJECTED, 5, "dead replica ejected")
     procs.restart(victim)
