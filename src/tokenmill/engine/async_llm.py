@@ -16,7 +16,8 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.args import normalize_prompt
-from tokenmill.engine.inproc_client import CoreClient, EngineDeadError, InProcessCoreClient
+from tokenmill.engine.errors import EngineDeadError, RequestError
+from tokenmill.engine.inproc_client import CoreClient, InProcessCoreClient
 from tokenmill.engine.output_processor import RequestState
 from tokenmill.engine.outputs import RequestOutput, SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
@@ -24,10 +25,6 @@ from tokenmill.engine.stats import SchedulerStats
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(RuntimeError):
-    """One request failed in the engine (e.g. it can never fit in the KV cache); others continue."""
 
 
 class AsyncLLM:
@@ -66,7 +63,8 @@ class AsyncLLM:
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # noqa: BLE001 - core gone: every waiter learns it
-                self._dead = e if isinstance(e, EngineDeadError) else EngineDeadError(str(e))
+                # keep the client's own exception (its class may be what the caller catches)
+                self._dead = e if isinstance(e, Exception) else EngineDeadError(str(e))
                 for q in self._queues.values():
                     q.put_nowait(self._dead)
                 return

@@ -16,15 +16,12 @@ from typing import Any, Protocol
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core stopped; no request can make progress."""
 
 
 class CoreClient(Protocol):
