@@ -136,3 +136,18 @@ def test_stop_string_and_n_samples_stream(tiny_llama_dir, llama_llm):
             await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_model_info_fields(tiny_llama_dir):
+    async def main():
+        eng = _engine(tiny_llama_dir, max_model_len=200)
+        try:
+            info = eng.model_info
+            assert info.max_model_len == 200 and info.vocab_size == 512 and info.task == "generate"
+            assert info.eos_token_ids == [eng.tokenizer.eos_token_id]
+            assert info.kv_capacity_tokens == 127 * 4 and info.chat_template
+            assert info.extra["block_size"] == 4
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())

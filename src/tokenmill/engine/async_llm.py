@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.config import EngineConfig
@@ -27,6 +28,27 @@ from tokenmill.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the front end knows about the served model (built from the core client's handshake dict)."""
+
+    name: str = "default"
+    max_model_len: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    chat_template: str | None = None
+    task: str = "generate"
+    vocab_size: int = 0
+    kv_capacity_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else the client reported
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known})
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, client: CoreClient | None = None) -> None:
         self.config = config
@@ -36,14 +58,19 @@ class AsyncLLM:
         self._handler: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
         self._ids = itertools.count()
+        self._info: ModelInfo | None = None
+        self._info_src: Any = None
 
     @property
     def tokenizer(self) -> Any:
         return self.client.tokenizer
 
     @property
-    def model_info(self) -> dict[str, Any]:
-        return self.client.model_info
+    def model_info(self) -> ModelInfo:
+        info = self.client.model_info
+        if self._info is None or self._info_src is not info:
+            self._info, self._info_src = ModelInfo.from_dict(dict(info)), info
+        return self._info
 
     @property
     def errored(self) -> bool:
@@ -89,14 +116,15 @@ class AsyncLLM:
         if rid in self._queues:
             raise ValueError(f"invalid request_id={rid!r}: already in use")
         text, ids = normalize_prompt(prompt, self.tokenizer)
-        max_len = int(self.model_info.get("max_model_len", 0) or 0)
+        info = self.model_info
+        max_len = info.max_model_len
         if max_len and len(ids) > max_len:
             raise ValueError(f"invalid prompt: it has {len(ids)} tokens, more than max_model_len={max_len}")
         sched = self.config.scheduler
         if not sched.enable_chunked_prefill and len(ids) > sched.max_num_batched_tokens:
             raise ValueError(f"invalid prompt: it has {len(ids)} tokens, more than max_num_batched_tokens="
                              f"{sched.max_num_batched_tokens} while chunked prefill is disabled")
-        vocab = int(self.model_info.get("vocab_size", 0) or 0)
+        vocab = info.vocab_size
         if vocab and any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"invalid prompt_token_ids: ids must be in [0, {vocab})")
         state = RequestState(rid, text, ids, params, self.tokenizer)
@@ -107,7 +135,7 @@ class AsyncLLM:
         finished = False
         try:
             await self.client.add_request(EngineCoreRequest(
-                rid, ids, params, priority=priority, eos_token_ids=list(self.model_info.get("eos_token_ids", []))))
+                rid, ids, params, priority=priority, eos_token_ids=list(info.eos_token_ids)))
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
