@@ -156,8 +156,7 @@ class AsyncLLM:
                     await self.client.abort(aborts)
                 finished = state.finished
                 errs = state.errors()
-                if errs:
-                    finished = True
+                if errs:  # the finally clause aborts any sibling samples still running
                     raise RequestError(errs[0])
                 if outs:
                     yield RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
