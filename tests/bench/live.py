@@ -73,14 +73,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def start_replica(tokenizer_dir: Path, name: str, token_delay: float, fail_every: int = 0
-                  ) -> tuple[str, subprocess.Popen]:
+def start_replica(tokenizer_dir: Path, name: str, token_delay: float) -> tuple[str, subprocess.Popen]:
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.openai_replica", "--port", str(port), "--tokenizer",
-         str(tokenizer_dir), "--token-delay", str(token_delay), "--fail-every", str(fail_every),
-         "--model-name", name], cwd=REPO, env=env)
+         str(tokenizer_dir), "--token-delay", str(token_delay), "--model-name", name], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url + "/v1/models", proc)
@@ -93,14 +91,6 @@ def start_replica(tokenizer_dir: Path, name: str, token_delay: float, fail_every
 @pytest.fixture(scope="session")
 def replica_url(bench_tokenizer_dir: Path) -> Iterator[str]:
     url, proc = start_replica(bench_tokenizer_dir, "replica-a", token_delay=0.002)
-    yield url
-    stop(proc)
-
-
-@pytest.fixture(scope="session")
-def failing_replica_url(bench_tokenizer_dir: Path) -> Iterator[str]:
-    """Every 4th request answers HTTP 500, to check failed counts."""
-    url, proc = start_replica(bench_tokenizer_dir, "replica-b", token_delay=0.001, fail_every=4)
     yield url
     stop(proc)
 

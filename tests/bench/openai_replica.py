@@ -5,7 +5,9 @@ delay per token, and reports exact usage from a real tokenizer. It exists so the
 tested against known token counts and a server of a different make than `tokenmill serve`; the main bench
 tests run against a live `tokenmill serve` on a tiny model.
 
-Run: python -m tests.bench.openai_replica --port P --tokenizer DIR [--token-delay S] [--fail-every N]
+A prompt containing "<<fail>>" gets HTTP 500, so tests can inject failures at known requests.
+
+Run: python -m tests.bench.openai_replica --port P --tokenizer DIR [--token-delay S]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 
-def build_app(tokenizer_dir: str, token_delay_s: float, fail_every: int, model_name: str) -> FastAPI:
+def build_app(tokenizer_dir: str, token_delay_s: float, model_name: str) -> FastAPI:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
@@ -39,10 +41,10 @@ def build_app(tokenizer_dir: str, token_delay_s: float, fail_every: int, model_n
     async def handle(request: Request, chat: bool):
         body = await request.json()
         n = next(counter)
-        if fail_every and n % fail_every == 0:
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        if "<<fail>>" in prompt:
             return JSONResponse({"error": {"message": "replica: injected failure", "type": "server_error",
                                            "param": None, "code": None}}, status_code=500)
-        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         prompt_ids = tok.encode(prompt, add_special_tokens=False) or [0]
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -88,10 +90,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--token-delay", type=float, default=0.002)
-    parser.add_argument("--fail-every", type=int, default=0)
     parser.add_argument("--model-name", default="replica")
     args = parser.parse_args()
-    app = build_app(args.tokenizer, args.token_delay, args.fail_every, args.model_name)
+    app = build_app(args.tokenizer, args.token_delay, args.model_name)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

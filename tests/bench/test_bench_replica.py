@@ -31,15 +31,22 @@ def test_counts_match_the_replica_exactly(replica_url: str, bench_tokenizer_dir:
     assert 1 <= r["max_concurrent_requests"] <= 4
 
 
-def test_chat_endpoint_and_failures_are_counted(failing_replica_url: str, bench_tokenizer_dir: Path) -> None:
-    tok, reqs = _workload(bench_tokenizer_dir, 8, out=4)
-    cfg = RunConfig(base_url=failing_replica_url, endpoint="/v1/chat/completions", max_concurrency=1,
-                    num_warmups=0, show_progress=False, max_duration_s=60)
+def test_chat_custom_dataset_and_failures_are_counted(replica_url: str, bench_tokenizer_dir: Path,
+                                                      tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    prompts = ["the quick brown fox", "<<fail>> please", "serving models", "tokens stream back", "<<fail>>"]
+    path.write_text("".join(json.dumps({"prompt": p, "output_len": 4}) + "\n" for p in prompts))
+    tok = load_tokenizer(str(bench_tokenizer_dir))
+    reqs = build_workload("custom", tokenizer=tok, num_prompts=10, dataset_path=str(path), input_len=1,
+                          output_len=1, range_ratio=0.0, seed=0)
+    cfg = RunConfig(base_url=replica_url, endpoint="/v1/chat/completions", max_concurrency=3, num_warmups=0,
+                    show_progress=False, max_duration_s=60)
     r = asyncio.run(run_benchmark(cfg, reqs, tok))
-    # Every 4th request of the replica's lifetime fails; sequential requests make that exactly 2 of 8.
-    assert r["completed"] + r["failed"] == 8
-    assert r["failed"] >= 1 and all("HTTP 500" in e for e in r["errors"] if e)
-    assert r["total_output_tokens"] == 4 * r["completed"]
+    expected_failed = sum("<<fail>>" in q.prompt for q in reqs)
+    assert expected_failed == 4  # the 5 prompts cycled twice
+    assert r["failed"] == expected_failed and r["completed"] == 10 - expected_failed
+    assert all(("HTTP 500" in e) == ("<<fail>>" in q.prompt) for e, q in zip(r["errors"], reqs))
+    assert r["total_output_tokens"] == 4 * r["completed"] and r["output_lens"].count(0) == expected_failed
     assert r["backend"] == "openai-chat"
 
 
