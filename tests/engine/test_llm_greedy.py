@@ -70,7 +70,7 @@ def test_greedy_sliding_window_gemma3(tiny_gemma3_dir):
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3_dir), dtype=torch.float32).eval()
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=40,
+    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=24,
               max_num_batched_tokens=16)
     assert any(g.sliding_window for g in llm.runner.kv_cache_groups)
     prompts = _prompts(5, [30, 7, 22], prefix_len=12)
@@ -84,7 +84,8 @@ def test_greedy_sliding_window_gemma3(tiny_gemma3_dir):
                                    min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
             assert o.outputs[0].token_ids == exp
         assert llm.all_blocks_free()
-    assert llm.engine.stats().prefix_cache_hits > 0
+    st = llm.engine.stats()
+    assert st.prefix_cache_hits > 0 and st.num_preemptions > 0
 
 
 def test_text_prompts_and_prompt_too_long(tiny_llama_dir, llama_llm):
@@ -95,3 +96,23 @@ def test_text_prompts_and_prompt_too_long(tiny_llama_dir, llama_llm):
     with pytest.raises(ValueError, match="max_model_len=256"):
         llama_llm.generate({"prompt_token_ids": [5] * 300})
     assert llama_llm.all_blocks_free()
+
+
+def test_gemma3_sliding_group_holds_only_window_blocks(tiny_gemma3_dir):
+    from tokenmill.engine.outputs import NULL_BLOCK_ID
+    from tokenmill.engine.request import EngineCoreRequest
+
+    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=64)
+    core = llm.engine
+    groups = llm.runner.kv_cache_groups
+    gi = next(i for i, g in enumerate(groups) if g.sliding_window)
+    core.add_request(EngineCoreRequest("w", list(range(10, 50)), SamplingParams(max_tokens=4, ignore_eos=True)))
+    core.step()
+    core.step()
+    tables = core.scheduler.kv.tables["w#0"]
+    window_blocks = groups[gi].sliding_window // 4 + 2
+    assert sum(b != NULL_BLOCK_ID for b in tables[gi]) <= window_blocks < len(tables[gi])
+    assert NULL_BLOCK_ID not in tables[1 - gi]  # the full-attention group keeps everything
+    while core.has_unfinished():
+        core.step()
+    assert llm.all_blocks_free()
