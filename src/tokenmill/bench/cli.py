@@ -34,7 +34,7 @@ def result_path(result: dict[str, Any], result_filename: str | None, result_dir:
         conc = f"-concurrency{result['max_concurrency']}" if result.get("max_concurrency") else ""
         model = str(result.get("model_id", "model")).rstrip("/").split("/")[-1]
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"{result['backend']}-{result['request_rate']}qps{conc}-{model}-{stamp}.json"
+        name = f"{result.get('label') or result['backend']}-{result['request_rate']}qps{conc}-{model}-{stamp}.json"
     return Path(result_dir or ".") / name
 
 
@@ -56,7 +56,10 @@ def _replace_inf(data: Any) -> Any:
 
 @bench_app.command("serve")
 def serve(
-    base_url: Annotated[str, typer.Option(help="Server root, e.g. http://127.0.0.1:8000.")] = "http://127.0.0.1:8000",
+    base_url: Annotated[str | None, typer.Option(
+        help="Server root, e.g. http://127.0.0.1:8000 (default: http://HOST:PORT).")] = None,
+    host: Annotated[str, typer.Option(help="Server host when --base-url is not given.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Server port when --base-url is not given.")] = 8000,
     endpoint: Annotated[str, typer.Option(help="/v1/completions or /v1/chat/completions.")] = "/v1/completions",
     model: o.Model = None,
     tokenizer: o.Tokenizer = None,
@@ -80,6 +83,7 @@ def serve(
     ignore_eos: o.IgnoreEos = False,
     api_key: o.ApiKey = None,
     save_result: Annotated[bool, typer.Option(help="Save the result JSON (vLLM's file naming).")] = False,
+    label: Annotated[str | None, typer.Option(help="Prefix of the --save-result file name (default: backend).")] = None,
     result_filename: Annotated[str | None, typer.Option(help="File name for --save-result.")] = None,
     result_dir: Annotated[str | None, typer.Option(help="Folder for --save-result.")] = None,
     json_out: o.JsonOut = None,
@@ -93,7 +97,7 @@ def serve(
     console = Console()
     try:
         cfg = o.make_run_config(
-            base_url=base_url, endpoint=endpoint, model=model, max_concurrency=max_concurrency,
+            base_url=base_url or f"http://{host}:{port}", endpoint=endpoint, model=model, max_concurrency=max_concurrency,
             request_rate=request_rate, burstiness=burstiness, num_warmups=num_warmups, max_duration=max_duration,
             request_timeout=request_timeout, ignore_eos=ignore_eos, seed=seed, api_key=api_key,
             percentile_metrics=percentile_metrics, metric_percentiles=metric_percentiles, goodput=goodput,
@@ -108,6 +112,8 @@ def serve(
         _fail(str(exc))
         return
     result["dataset_name"] = dataset_name
+    if label:
+        result["label"] = label
     print_result(result, console)
     if save_result or result_filename:
         path = result_path(result, result_filename, result_dir)

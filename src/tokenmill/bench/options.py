@@ -34,8 +34,10 @@ MaxDuration = Annotated[float, typer.Option(
     help="Time bound in seconds: arrivals stop and in-flight requests are cancelled (counted failed).")]
 Goodput = Annotated[list[str] | None, typer.Option(
     help="SLOs in ms for goodput, e.g. --goodput 'ttft:500 tpot:50' (names: ttft, tpot, e2el); repeatable.")]
-PercentileMetrics = Annotated[str, typer.Option(help=f"Comma list from {','.join(METRIC_NAMES)}.")]
-MetricPercentiles = Annotated[str, typer.Option(help="Comma list of percentiles to report, e.g. 50,90,99.")]
+PercentileMetrics = Annotated[str, typer.Option(
+    help=f"Comma list from {','.join(METRIC_NAMES)} (vLLM's default leaves out e2el).")]
+MetricPercentiles = Annotated[str, typer.Option(
+    help="Comma list of percentiles to report, e.g. 50,90,99 (vLLM's default is 99 alone).")]
 Seed = Annotated[int, typer.Option(help="Seed for the workload and the arrival times.")]
 IgnoreEos = Annotated[bool, typer.Option(help="Send ignore_eos so every request generates its full length.")]
 ApiKey = Annotated[str | None, typer.Option(help="Bearer token; default: env OPENAI_API_KEY.")]
