@@ -1,8 +1,9 @@
 """tokenmill: LLM serving with a paged KV cache, continuous batching and an OpenAI-compatible edge."""
 
+from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
 __version__ = "0.1.0"
 
 
