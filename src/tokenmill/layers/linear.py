@@ -40,3 +40,16 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         raise ValueError(f"weight {name!r}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(loaded)
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """Same [out, in] values stored transposed. F.linear then multiplies x by a contiguous [in, out] matrix,
+    which MKL runs several times faster on CPU than the row-major layout for decode-sized batches."""
+    return weight.detach().t().contiguous().t()
+
+
+def relayout_linears_for_cpu(model: nn.Module) -> None:
+    """Store every nn.Linear weight column-major (CPU only; called once after loading)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
+            module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.layers.linear import relayout_linears_for_cpu
 from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
 from tokenmill.model.registry import resolve_architecture
 
@@ -125,4 +126,13 @@ def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for {cls.__name__}: {shown}")
+    return finalize_model(model)
+
+
+def finalize_model(model: torch.nn.Module) -> torch.nn.Module:
+    """After weights are in: CPU-friendly linear layout, then the model's own post_load hook (e.g. an LM head
+    copy for tied embeddings). The GGUF loader calls this too."""
+    relayout_linears_for_cpu(model)
+    if hasattr(model, "post_load"):
+        model.post_load()
     return model.eval()

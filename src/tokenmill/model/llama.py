@@ -15,7 +15,7 @@ from torch import nn
 from tokenmill.engine.outputs import KVCacheGroupSpec
 from tokenmill.layers.activation import get_act_and_mul
 from tokenmill.layers.attention import Attention, ForwardContext
-from tokenmill.layers.linear import FusedLinear, copy_weight
+from tokenmill.layers.linear import FusedLinear, column_major, copy_weight
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -140,8 +140,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
+    def post_load(self) -> None:
+        # Tied embeddings: the lookup wants rows contiguous, the LM head matmul wants columns contiguous
+        # (much faster on CPU), so the head gets its own column-major copy there.
+        emb = self.model.embed_tokens.weight
+        self.lm_head_weight = column_major(emb) if self.lm_head is None and emb.device.type == "cpu" else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = getattr(self, "lm_head_weight", None)
+        if weight is None:
+            weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
     def kv_cache_groups(self) -> list[KVCacheGroupSpec]:
