@@ -44,11 +44,16 @@ def convert_gguf_tokenizer(gguf_path: str | Path) -> Any:
 
 
 def load_gguf_tokenizer(gguf_path: str | Path, file_hash: str) -> Any:
-    """The file's tokenizer, from the cache when this file (by hash) was converted before."""
-    from transformers import AutoTokenizer
+    """The file's tokenizer, from the cache when this file (by hash) was converted before.
+
+    Reloaded as a plain fast tokenizer from the saved tokenizer.json: the class the conversion picked by
+    architecture (e.g. GemmaTokenizer) would rebuild its own pipeline on load instead of the converted one,
+    which is wrong for files whose vocabulary is not that family's (a byte-level BPE in a gemma3 file).
+    """
+    from transformers import PreTrainedTokenizerFast
 
     def build(tmp: Path) -> None:
         convert_gguf_tokenizer(gguf_path).save_pretrained(str(tmp))
 
     folder = get_or_build(CACHE_KIND, file_hash, build)
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
