@@ -131,7 +131,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        # post_load (from the base class) may have made a column-major copy of the tied embeddings.
+        weight = getattr(self, "lm_head_weight", None)
+        if weight is None:
+            weight = self.model.embed_tokens.weight
+        logits = torch.nn.functional.linear(hidden, weight).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
