@@ -1,0 +1,107 @@
+"""HF folder loading: fields, sharded checkpoints, dtype/device resolution, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.model.loader import load_model, resolve_dtype, resolve_max_model_len
+from tokenmill.model.registry import supported_architectures
+
+
+def _load(folder, **kw):
+    return load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu", **kw))
+
+
+def test_loaded_model_fields(tiny_llama_dir):
+    m = _load(tiny_llama_dir)
+    assert m.arch == "LlamaForCausalLM"
+    assert m.max_model_len == 512 and m.vocab_size == 512
+    assert m.eos_token_ids == [m.tokenizer.eos_token_id] == [2]
+    assert m.bos_token_id == 1
+    assert m.chat_template and "assistant" in m.chat_template
+    assert m.dtype == torch.float32 and m.device.type == "cpu" and m.task == "generate"
+    assert m.tokenizer.decode(m.tokenizer("hello world")["input_ids"], skip_special_tokens=True) == "hello world"
+    assert _load(tiny_llama_dir, max_model_len=64).max_model_len == 64
+    with pytest.raises(ValueError, match="max_model_len"):
+        _load(tiny_llama_dir, max_model_len=100_000)
+
+
+def test_sharded_checkpoint_loads_same_weights(tiny_llama_dir, tiny_llama_sharded_dir):
+    assert (tiny_llama_sharded_dir / "model.safetensors.index.json").is_file()
+    assert len(list(tiny_llama_sharded_dir.glob("*.safetensors"))) > 1
+    a = dict(_load(tiny_llama_dir).model.state_dict())
+    b = dict(_load(tiny_llama_sharded_dir).model.state_dict())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_shard_is_named(tiny_llama_sharded_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_sharded_dir, folder)
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(ValueError, match=victim.name):
+        _load(folder)
+
+
+def test_missing_folder_and_missing_config(tmp_path):
+    with pytest.raises(ValueError, match="no such file or folder"):
+        _load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        _load(tmp_path / "empty")
+
+
+def test_unsupported_architecture_lists_supported(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["FancyNetForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        _load(folder)
+    assert "FancyNetForCausalLM" in str(err.value)
+    assert all(name in str(err.value) for name in supported_architectures())
+
+
+def test_missing_tokenizer(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink()
+    with pytest.raises(ValueError, match="tokenizer"):
+        _load(folder)
+    assert _load(folder, tokenizer=str(tiny_llama_dir)).tokenizer.eos_token_id == 2
+
+
+def test_missing_weight_is_named(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.1.mlp.gate_up_proj"):
+        _load(folder)
+
+
+def test_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int4", cpu)
+    assert resolve_max_model_len(None, 128) == 128
+
+
+def test_bfloat16_load(tiny_qwen2_dir):
+    m = load_model(ModelConfig(model=str(tiny_qwen2_dir), dtype="bfloat16", device="cpu"))
+    assert m.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in m.model.parameters())
