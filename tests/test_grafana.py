@@ -52,15 +52,19 @@ def test_every_queried_metric_is_exposed(live_server: str, live_gateway: str) ->
         r = httpx.post(f"{live_gateway}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": f"grafana {i}", "max_tokens": 3})
         assert r.status_code == 200, r.text
-    server_samples, _ = exposed(live_server)
+    server_samples, server_families = exposed(live_server)
     gw_samples, gw_families = exposed(live_gateway)
+    # The traffic above must have produced these series (not just declared them).
+    for name in ("tokenmill_generation_tokens_total", "tokenmill_time_to_first_token_seconds_bucket",
+                 "tokenmill_e2e_request_latency_seconds_bucket"):
+        assert name in server_samples, name
+    assert "tokenmill_gateway_requests_total" in gw_samples
     missing = []
     for name in sorted(queried_metrics()):
-        if name.startswith("tokenmill_gateway_"):
-            # Some gateway series (retries, ejections, alias routing) only get samples when that event
-            # happens; the metric exists when its family is declared in the exposition.
-            if name not in gw_samples and family_of(name) not in gw_families:
-                missing.append(name)
-        elif name not in server_samples:
+        samples, families = (gw_samples, gw_families) if name.startswith("tokenmill_gateway_") else \
+            (server_samples, server_families)
+        # Labelled series that only appear when their event happens (preemptions, retries, ejections,
+        # alias routing) exist once their family is declared in the exposition.
+        if name not in samples and family_of(name) not in families:
             missing.append(name)
     assert not missing, f"queried by deploy/grafana/tokenmill.json but not exposed: {missing}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from typer.testing import CliRunner
 
 from tokenmill.bench.cli import bench_app
@@ -39,7 +41,7 @@ def test_bench_serve_live(live_server: str, tiny_llama_dir: Path, tmp_path: Path
     assert all(24 <= n <= 25 for n in r["input_lens"])  # the server may add a BOS token
     assert all(len(itl) <= 11 for itl in r["itls"])  # tokens may arrive batched in one event
     assert r["request_goodput"] == r["request_throughput"]  # a 10-minute SLO is always met
-    assert r["output_throughput"] * r["duration"] == __import__("pytest").approx(192)
+    assert r["output_throughput"] * r["duration"] == pytest.approx(192)
     # percentiles ordered, means within range
     for m in ("ttft", "tpot", "itl", "e2el"):
         assert 0 <= r[f"p50_{m}_ms"] <= r[f"p90_{m}_ms"] <= r[f"p99_{m}_ms"], m
@@ -61,14 +63,16 @@ def test_compare_two_live_endpoints(live_server: str, replica_url: str, tiny_lla
         "--no-progress"], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "Side by side" in res.output and "replica/tokenmill" in res.output
-    row = next(line for line in res.output.splitlines() if "Output token throughput" in line)
-    assert row.count("x") >= 1  # the ratio column
+    side_by_side = res.output.split("Side by side", 1)[1]
+    row = next(line for line in side_by_side.splitlines() if "Output token throughput" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert len(cells) == 4 and cells[3].endswith("x")  # metric, tokenmill, replica, ratio
     data = json.loads(out.read_text())
     assert data["baseline"] == "tokenmill"
     assert set(data["endpoints"]) == {"tokenmill", "replica"}
     for name in ("tokenmill", "replica"):
         assert data["endpoints"][name]["completed"] == 8
     tm, rp = data["endpoints"]["tokenmill"], data["endpoints"]["replica"]
-    assert data["ratios"]["output_throughput"]["replica"] == __import__("pytest").approx(
+    assert data["ratios"]["output_throughput"]["replica"] == pytest.approx(
         rp["output_throughput"] / tm["output_throughput"])
     assert data["ratios"]["output_throughput"]["tokenmill"] == 1.0
