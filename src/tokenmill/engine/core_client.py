@@ -22,15 +22,12 @@ import zmq.asyncio
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core_proc import delta_from_row, pack, run_core, stats_from_wire, unpack
+from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
 
 log = logging.getLogger("tokenmill.engine.client")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process exited or failed; no request can make progress."""
 
 
 class MPCoreClient:
@@ -44,7 +41,7 @@ class MPCoreClient:
         self.errored = False
         self.dead_reason: str | None = None
         self._stats = SchedulerStats()
-        self._queue_times: dict[str, float] = {}  # request_id -> seconds waited before first scheduled
+        self._first_scheduled: dict[str, float] = {}  # request_id -> wall time, until the server takes it
         self._outputs: asyncio.Queue[list[SeqOutputDelta] | None] = asyncio.Queue()
         self._embed_calls: dict[int, asyncio.Future[list[list[float]]]] = {}
         self._next_call = 0
@@ -90,6 +87,7 @@ class MPCoreClient:
 
     def _on_exit(self) -> None:
         asyncio.get_running_loop().remove_reader(self._proc.sentinel)
+        self._proc.join(timeout=1)  # reap it, so the exit code is known and no zombie is left
         code = self._proc.exitcode
         if not self._closed:
             self._mark_dead(self.dead_reason or f"engine core process exited unexpectedly (exit code {code})")
@@ -120,10 +118,8 @@ class MPCoreClient:
                 await self._to_core.send(pack(["shutdown"]))
             except zmq.ZMQError:
                 pass
-            for sig_step in ("wait", "terminate", "kill"):
-                if sig_step == "terminate":
-                    proc.terminate()
-                elif sig_step == "kill":
+            for step in ("wait", "kill"):  # the core ignores SIGTERM (see core_proc.run_core)
+                if step == "kill":
                     proc.kill()
                 for _ in range(50):
                     if not proc.is_alive():
@@ -182,8 +178,9 @@ class MPCoreClient:
     def stats(self) -> SchedulerStats:
         return self._stats
 
-    def pop_queue_time(self, request_id: str) -> float | None:
-        return self._queue_times.pop(request_id, None)
+    def pop_first_scheduled(self, request_id: str) -> float | None:
+        """Wall-clock time (time.time()) the core first scheduled this request, once it has."""
+        return self._first_scheduled.pop(request_id, None)
 
     # ---- reader ---------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -192,8 +189,7 @@ class MPCoreClient:
             kind = msg[0]
             if kind == "out":
                 self._stats = stats_from_wire(msg[2])
-                for rid, wall in msg[3].items():
-                    self._queue_times[rid] = wall
+                self._first_scheduled.update(msg[3])
                 if msg[1]:
                     self._outputs.put_nowait([delta_from_row(r) for r in msg[1]])
             elif kind == "stats":

@@ -82,30 +82,25 @@ class _TimedRunner:
 
 
 def model_info(config: EngineConfig, runner: Any, core: Any) -> dict[str, Any]:
+    from tokenmill.engine.inproc_client import model_info_of
+
+    info = model_info_of(config, runner, core)
     loaded = runner.loaded
-    name = config.model.served_model_name or config.model.model or getattr(loaded, "path", None) or "default"
-    return {
-        "name": name,
-        "max_model_len": int(loaded.max_model_len),
-        "eos_token_ids": list(loaded.eos_token_ids),
-        "bos_token_id": loaded.bos_token_id,
-        "chat_template": loaded.chat_template,
-        "task": loaded.task,
-        "vocab_size": int(loaded.vocab_size),
-        "kv_capacity_tokens": int(core.kv_capacity_tokens()) if core is not None else 0,
-        "arch": loaded.arch,
-        "dtype": str(loaded.dtype).replace("torch.", ""),
-        "device": str(loaded.device),
-        "block_size": int(runner.block_size),
-        "num_blocks": [int(b) for b in runner.num_blocks],
-        "pid": os.getpid(),
-    }
+    info.update(pid=os.getpid(), arch=loaded.arch, dtype=str(loaded.dtype).replace("torch.", ""),
+                device=str(loaded.device))
+    return info
 
 
 def run_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
     """Process entry (multiprocessing spawn target). Returns when told to shut down or orphaned."""
+    import signal
+
     import zmq
 
+    # The parent owns this process's lifetime: a terminal's Ctrl+C or a process-group SIGTERM must not kill
+    # the core while the server drains; the server stops it with a "shutdown" message (or SIGKILL).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -135,6 +130,7 @@ def _loop(core: Any, runner: _TimedRunner, inp: Any, out: Any, parent_pid: int) 
 
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
+    next_parent_check = time.monotonic() + _IDLE_POLL_MS / 1000
     while True:
         busy = core is not None and core.has_unfinished()
         events = dict(poller.poll(0 if busy else _IDLE_POLL_MS))
@@ -158,9 +154,11 @@ def _loop(core: Any, runner: _TimedRunner, inp: Any, out: Any, parent_pid: int) 
                 runner.seen.clear()
         elif got and core is not None:
             out.send(pack(["stats", stats_to_wire(core.stats())]))  # e.g. after an abort freed blocks
-        elif not got and os.getppid() != parent_pid:
-            log.warning("parent process %d is gone; engine core exiting", parent_pid)
-            return
+        if time.monotonic() >= next_parent_check:
+            next_parent_check = time.monotonic() + _IDLE_POLL_MS / 1000
+            if os.getppid() != parent_pid:
+                log.warning("parent process %d is gone; engine core exiting", parent_pid)
+                return
 
 
 def _handle(msg: list[Any], core: Any, runner: _TimedRunner, out: Any) -> str | None:

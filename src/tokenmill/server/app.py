@@ -133,6 +133,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
         body = {"ready": state.engine is not None, "in_flight_seqs": state.in_flight_seqs}
         if stats is not None:
             body["engine"] = {k: getattr(stats, k) for k in stats.__slots__}
+            body["core_pid"] = state.engine.model_info.extra.get("pid")
         return JSONResponse(body)
 
     if importlib.util.find_spec("tokenmill.dashboard.router") is not None:
@@ -165,7 +166,7 @@ async def _load(state: ServerState, factory: EngineFactory) -> None:
         return
     state.engine = engine
     info = engine.model_info
-    log.info("model %s ready in %.1fs: max_model_len=%d, KV cache capacity %d tokens", state.model_name,
+    log.debug("model %s ready in %.1fs: max_model_len=%d, KV cache capacity %d tokens", state.model_name,
              time.monotonic() - t0, info.max_model_len, getattr(info, "kv_capacity_tokens", 0))
     ready = state.extra.get("on_ready")
     if ready is not None:

@@ -28,14 +28,21 @@ def _entries(c: Any, tokenizer: Any, k: int) -> list[tuple[str, float | None, li
     return out
 
 
-def completion_logprobs(acc: dict[str, list], c: Any, tokenizer: Any, k: int, offset: int) -> None:
-    """Append the new tokens of `c` to a completions `logprobs` object (text_offset from `offset`)."""
+def completion_logprobs(acc: dict[str, list], c: Any, tokenizer: Any, k: int, offset: int) -> int:
+    """Append the new tokens of `c` to a completions `logprobs` object; returns the next text_offset.
+
+    Offsets are cumulative lengths of the token strings (vLLM's convention), so they stay consistent
+    even while the detokenizer holds back an incomplete UTF-8 character."""
     for text, logprob, top in _entries(c, tokenizer, k):
         acc["text_offset"].append(offset)
         offset += len(text)
         acc["tokens"].append(text)
         acc["token_logprobs"].append(logprob)
-        acc["top_logprobs"].append({t: v for t, v in top} if k > 0 else None)
+        best: dict[str, float] = {}
+        for t, v in top:  # distinct ids can decode alike (byte tokens -> U+FFFD): keep the likelier one
+            best.setdefault(t, v)
+        acc["top_logprobs"].append(best if k > 0 else None)
+    return offset
 
 
 def chat_logprobs(c: Any, tokenizer: Any, k: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from tokenmill.server.logprobs import chat_logprobs
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
 from tokenmill.server.serving_engine import (
     admit,
+    check_generate,
     check_model,
     check_ready,
     generate,
@@ -57,6 +58,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     body = await read_body(request, ChatCompletionRequest, state.server_config.max_body_bytes)
     check_ready(state)
     model = check_model(state, body.model)
+    check_generate(state, model)
     engine = state.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_param("top_logprobs", "invalid top_logprobs: requires logprobs=true")

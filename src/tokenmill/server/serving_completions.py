@@ -14,6 +14,7 @@ from tokenmill.server.logprobs import completion_logprobs
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving_engine import (
     admit,
+    check_generate,
     check_model,
     check_ready,
     generate,
@@ -53,6 +54,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     body = await read_body(request, CompletionRequest, state.server_config.max_body_bytes)
     check_ready(state)
     model = check_model(state, body.model)
+    check_generate(state, model)
     engine = state.engine
     if body.suffix:
         raise invalid_param("suffix", "invalid suffix: insertion (suffix) is not supported")
@@ -95,6 +97,7 @@ async def _full(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
     n = ctx.body.n
     want_lp = ctx.body.logprobs is not None
     texts: dict[int, list[str]] = {}
+    offsets: dict[int, int] = {}
     lps: dict[int, dict[str, list]] = {}
     reasons: dict[int, tuple[str | None, Any]] = {}
     completion_tokens = 0
@@ -105,11 +108,11 @@ async def _full(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
             idx = p * n + c.index
             if idx not in texts:
                 texts[idx] = [ctx.prompts[p][0] or ""] if ctx.body.echo else []
+                offsets[idx] = len(texts[idx][0]) if texts[idx] else 0
                 lps[idx] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
             completion_tokens += len(c.token_ids)
             if want_lp:
-                offset = sum(len(t) for t in texts[idx])
-                completion_logprobs(lps[idx], c, ctx.tokenizer, ctx.body.logprobs, offset)
+                offsets[idx] = completion_logprobs(lps[idx], c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
             texts[idx].append(c.text)
             if c.finish_reason is not None:
                 reasons[idx] = (c.finish_reason, c.stop_reason)
@@ -144,8 +147,7 @@ async def _stream(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> AsyncIterator
             lp = None
             if ctx.body.logprobs is not None:
                 lp = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-                completion_logprobs(lp, c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
-            offsets[idx] += len(text)
+                offsets[idx] = completion_logprobs(lp, c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
             chunk: dict[str, Any] = {
                 "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
                 "choices": [{"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,

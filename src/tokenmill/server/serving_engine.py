@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from tokenmill.engine.errors import EngineDeadError, RequestError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import (
     APIError,
@@ -72,6 +73,12 @@ def check_ready(state: ServerState) -> None:
         raise unavailable("The model is still loading; retry shortly (GET /health turns 200 when ready).")
     if state.engine.errored:
         raise engine_dead()
+
+
+def check_generate(state: ServerState, model: str) -> None:
+    if state.engine.model_info.task != "generate":
+        raise APIError(400, f"The model `{model}` is an embedding model; use /v1/embeddings.", param="model",
+                       code="wrong_task")
 
 
 def check_model(state: ServerState, model: str | None) -> str:
@@ -154,24 +161,26 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
                    priority: int) -> AsyncIterator[Any]:
     """One engine request as an async iterator of RequestOutput deltas.
 
-    Records metrics as tokens arrive; if the consumer stops early (disconnect, cancel, error) the request
-    is aborted in the engine so its blocks are freed.
+    Records metrics as tokens arrive. If the consumer stops early (disconnect, cancel, error) the engine
+    generator is closed at once, which aborts the request in the core and frees its blocks.
     """
     engine = state.engine
     assert engine is not None
     timing = RequestTiming(arrival=time.monotonic())
+    arrival_wall = time.time()
     prev: float | None = None
     finished: dict[int, str] = {}
     state.in_flight_seqs += params.n
+    stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority)
     try:
         try:
-            async for out in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority):
+            async for out in stream:
                 now = time.monotonic()
                 new = sum(len(c.token_ids) for c in out.outputs)
                 if new:
                     if timing.first_token is None:
                         timing.first_token = now
-                        timing.scheduled = _scheduled_time(out, timing)
+                        timing.scheduled = _scheduled_time(engine, request_id, timing, arrival_wall)
                     state.metrics.observe_token(now, prev, new, timing)
                     prev = timing.last_token = now
                 for c in out.outputs:
@@ -180,26 +189,37 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
                 yield out
         except (APIError, asyncio.CancelledError, GeneratorExit):
             raise
+        except EngineDeadError as exc:
+            raise engine_dead(str(exc)) from exc
+        except RequestError as exc:
+            finished.update({i: "error" for i in range(params.n) if i not in finished})
+            raise APIError(500, f"the engine failed this request: {exc}", "internal_error",
+                           code="request_failed") from exc
+        except ValueError as exc:
+            raise invalid_param("prompt", str(exc)) from exc
         except Exception as exc:
             if engine.errored:
                 raise engine_dead(str(exc)) from exc
-            raise APIError(500, f"generation failed: {exc}", "internal_error", code="engine_error") from exc
+            raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error",
+                           code="engine_error") from exc
     finally:
         state.in_flight_seqs -= params.n
-        now = time.monotonic()
-        if len(finished) < params.n and not engine.errored:
-            await _abort_quietly(engine, request_id)
-        reason = _overall_reason(finished, params.n)
-        state.metrics.observe_finished(timing, reason, len(prompt_ids), now)
+        await stream.aclose()  # aborts the request in the core if it is still running
+        pop = getattr(getattr(engine, "client", None), "pop_first_scheduled", None)
+        if pop is not None:
+            pop(request_id)
+        state.metrics.observe_finished(timing, _overall_reason(finished, params.n), len(prompt_ids),
+                                       time.monotonic())
 
 
-def _scheduled_time(out: Any, timing: RequestTiming) -> float:
-    # The core reports how long the request waited when it has the figure; otherwise only the front end's
-    # view exists and queueing is folded into prefill.
-    queued = getattr(getattr(out, "metrics", None), "queue_time_s", None)
-    if queued is not None:
-        return timing.arrival + float(queued)
-    return timing.arrival
+def _scheduled_time(engine: Any, request_id: str, timing: RequestTiming, arrival_wall: float) -> float:
+    """Monotonic time the core first scheduled the request. The multiprocess client reports it; without
+    it (in-process client) queueing is folded into prefill time."""
+    pop = getattr(getattr(engine, "client", None), "pop_first_scheduled", None)
+    wall = pop(request_id) if pop is not None else None
+    if wall is None:
+        return timing.arrival
+    return timing.arrival + max(0.0, wall - arrival_wall)
 
 
 def _overall_reason(finished: dict[int, str], n: int) -> str:
@@ -210,10 +230,3 @@ def _overall_reason(finished: dict[int, str], n: int) -> str:
         if r in reasons:
             return r
     return next(iter(reasons))
-
-
-async def _abort_quietly(engine: Any, request_id: str) -> None:
-    try:
-        await asyncio.shield(engine.abort(request_id))
-    except Exception:  # noqa: BLE001 - the core may be gone; nothing left to free then
-        pass
