@@ -58,13 +58,18 @@ class ProcessSet:
     def __init__(self) -> None:
         self.procs: list[Proc] = []
 
-    def start(self, cmd: list[str], port: int, timeout_s: float = 30.0) -> Proc:
+    def spawn(self, cmd: list[str], port: int) -> Proc:
+        """Start without waiting (several replicas can then load in parallel)."""
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env=env, start_new_session=True)
         p = Proc(f"http://127.0.0.1:{port}", port, popen, cmd)
         self.procs.append(p)
-        wait_healthy(p.url, popen, timeout_s)
+        return p
+
+    def start(self, cmd: list[str], port: int, timeout_s: float = 30.0) -> Proc:
+        p = self.spawn(cmd, port)
+        wait_healthy(p.url, p.popen, timeout_s)
         return p
 
     def test_replica(self, port: int | None = None, **opts: object) -> Proc:

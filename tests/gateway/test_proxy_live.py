@@ -10,7 +10,7 @@ import httpx
 from tests.gateway.client import completion, post
 from tests.gateway.conftest import start_gateway, wait_until
 from tokenmill.gateway.config import (ApiKeyConfig, EmbeddingScorerConfig, GatewayConfig, HealthConfig, PoolConfig,
-                                      QueueConfig, ReplicaConfig, RouteConfig, RouteExample)
+                                      ReplicaConfig, RouteConfig, RouteExample)
 from tokenmill.gateway.replicas import ReplicaState
 
 FAST_HEALTH = HealthConfig(interval_s=0.2, timeout_s=1.0, failure_threshold=2, eject_s=0.5, scrape_interval_s=0.2)
@@ -99,37 +99,6 @@ def test_client_disconnect_closes_upstream(procs, gateways):
     asyncio.run(main())
 
 
-def test_queue_full_429_priorities_first_nothing_lost(procs, gateways):
-    r1 = procs.test_replica(token_delay=0.02)
-    cfg = GatewayConfig(pools=(pool("p", [r1.url], max_concurrency=1),), health=FAST_HEALTH,
-                        queue=QueueConfig(max_size=4, max_wait_s=30, retry_after_s=2))
-    gw = start_gateway(cfg)
-    gateways.append(gw)
-    p = gw.gateway.pools["p"]
-
-    async def main() -> None:
-        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
-            blocker = asyncio.create_task(post(c, "/v1/completions", completion(40)))
-            await asyncio.to_thread(wait_until, lambda: p.outstanding() == 1, 5, "blocker admitted")
-            queued = {}
-            for prio in (5, 0, -3, 1):  # lower value is served first
-                queued[prio] = asyncio.create_task(post(c, "/v1/completions", completion(4), {"x-priority": str(prio)}))
-                await asyncio.to_thread(wait_until, lambda n=len(queued): len(p.queue) == n, 5, "queued")
-            rejected = await post(c, "/v1/completions", completion(4))
-            assert rejected.status == 429 and rejected.headers["retry-after"] == "2"
-            assert rejected.body["error"]["code"] == "queue_full" and rejected.body["error"]["type"]
-            results = {k: await t for k, t in queued.items()}
-            assert (await blocker).done
-            assert all(r.status == 200 and r.done and r.text == " w0 w1 w2 w3" for r in results.values())
-            order = sorted(results, key=lambda k: results[k].first_event_at)
-            assert order == [-3, 0, 1, 5]
-
-    asyncio.run(main())
-    text = httpx.get(f"{gw.url}/metrics").text
-    assert 'tokenmill_gateway_requests_total{pool="p",status="429"} 1.0' in text
-    assert 'tokenmill_gateway_queue_time_seconds_count{pool="p"} 5.0' in text
-
-
 def test_api_keys_401_and_rate_limit_429(procs, gateways):
     r1 = procs.test_replica()
     keys = (ApiKeyConfig(key="sk-a", name="a", requests_per_minute=2),)
@@ -196,47 +165,30 @@ def test_alias_routes_small_and_large_with_headers(procs, gateways):
     assert gw.gateway.dashboard_extra()["routing"]["auto"] == {"small": 1, "large": 1}
 
 
-def test_policies_spread_load_as_they_should(procs, gateways):
+def test_power_of_two_and_round_robin_with_a_slow_replica(procs, gateways):
+    """Round-robin ignores load; power-of-two sends fewer requests to a replica that holds them longer.
+    (Least-outstanding and affinity run against real tokenmill replicas in test_real_replicas.py.)"""
     fast = procs.test_replica(token_delay=0.005)
     slow = procs.test_replica(token_delay=0.05, max_running=1)
     third = procs.test_replica(token_delay=0.005)
     urls = [fast.url, slow.url, third.url]
-    pools = (pool("rr", urls, policy="round-robin"), pool("lo", urls, policy="least-outstanding"),
-             pool("aff", urls, policy="affinity"), pool("p2c", urls, policy="power-of-two"))
-    gw = start_gateway(GatewayConfig(pools=pools, health=FAST_HEALTH))
+    gw = start_gateway(GatewayConfig(pools=(pool("rr", urls, policy="round-robin"),
+                                            pool("p2c", urls, policy="power-of-two")), health=FAST_HEALTH))
     gateways.append(gw)
 
-    async def main() -> dict[str, Counter]:
-        out: dict[str, Counter] = {}
+    async def main() -> tuple[Counter, Counter]:
         async with httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
             rr = [await post(c, "/v1/completions", completion(2, model="rr")) for _ in range(9)]
-            out["rr"] = Counter(r.replica for r in rr)
+            res = []
 
-            async def load(name: str) -> Counter:
-                """4 closed-loop clients x 6 requests: a replica that holds requests longer gets fewer."""
-                res = []
+            async def worker() -> None:
+                for _ in range(6):
+                    res.append(await post(c, "/v1/completions", completion(8, model="p2c")))
 
-                async def worker() -> None:
-                    for _ in range(6):
-                        res.append(await post(c, "/v1/completions", completion(8, model=name)))
+            await asyncio.gather(*(worker() for _ in range(4)))
+            assert len(res) == 24 and all(r.status == 200 and r.done for r in res)
+            return Counter(r.replica for r in rr), Counter(r.replica for r in res)
 
-                await asyncio.gather(*(worker() for _ in range(4)))
-                assert len(res) == 24 and all(r.status == 200 and r.done for r in res)
-                return Counter(r.replica for r in res)
-
-            out["lo"] = await load("lo")
-            out["p2c"] = await load("p2c")
-            sess = [await post(c, "/v1/completions", completion(2, model="aff"), {"x-session-id": "user-7"})
-                    for _ in range(6)]
-            out["aff_one"] = Counter(r.replica for r in sess)
-            many = [await post(c, "/v1/completions", completion(2, model="aff"), {"x-session-id": f"u{i}"})
-                    for i in range(12)]
-            out["aff_many"] = Counter(r.replica for r in many)
-        return out
-
-    got = asyncio.run(main())
-    assert got["rr"] == Counter({u: 3 for u in urls})
-    assert got["lo"][slow.url] <= 4 and got["lo"][fast.url] + got["lo"][third.url] >= 20
-    assert got["p2c"][slow.url] < got["p2c"][fast.url] + got["p2c"][third.url]
-    assert len(got["aff_one"]) == 1
-    assert len(got["aff_many"]) >= 2
+    rr, p2c = asyncio.run(main())
+    assert rr == Counter({u: 3 for u in urls})
+    assert p2c[slow.url] < min(p2c[fast.url], p2c[third.url])
