@@ -71,11 +71,11 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise invalid_param(field, f"invalid {field}={max_tokens}: must be an integer >= 1")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(ids), engine.model_info.max_model_len, "messages")
-    admit(state, body.n)
+    [slot] = admit(state, body.n)
     rid = new_request_id("chatcmpl")
     echo = body.messages[-1].text() if body.echo and body.messages[-1].role == "assistant" else ""
     ctx = _Ctx(rid, int(time.time()), model, body, len(ids), engine.tokenizer, echo)
-    stream = generate(state, ids, params, rid, body.priority)
+    stream = generate(state, ids, params, rid, body.priority, slot)
     if body.stream:
         return sse_response(_stream(ctx, stream))
     return JSONResponse(await until_disconnect(request, _full(ctx, stream)))

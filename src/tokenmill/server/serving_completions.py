@@ -67,10 +67,11 @@ async def create_completion(state: ServerState, request: Request) -> Response:
             raise invalid_param("echo", "invalid echo=true with logprobs: prompt logprobs are not supported")
     params = [sampling_params(body, body.max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt")
               for _, ids in prompts]
-    admit(state, body.n * len(prompts))
+    slots = admit(state, body.n, len(prompts))
     rid = new_request_id("cmpl")
     created = int(time.time())
-    streams = [generate(state, ids, p, f"{rid}-{i}", body.priority) for i, ((_, ids), p) in enumerate(zip(prompts, params))]
+    streams = [generate(state, ids, p, f"{rid}-{i}", body.priority, slot)
+               for i, ((_, ids), p, slot) in enumerate(zip(prompts, params, slots))]
     ctx = _Ctx(rid, created, model, body, prompts, engine.tokenizer)
     if body.stream:
         return sse_response(_stream(ctx, streams))

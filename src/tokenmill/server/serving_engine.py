@@ -136,21 +136,44 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
         raise invalid_param(m.group(1) if m else "body", str(exc)) from None
 
 
-def admit(state: ServerState, num_seqs: int) -> None:
-    """429 when the sequences that must wait for a batch slot exceed --max-queued-requests.
+class Reservation:
+    """Sequences admitted but not yet finished, counted in `state.in_flight_seqs` from admission on.
 
-    Waiting = in-flight sequences beyond max_num_seqs, or the core's own waiting count when KV space
-    (not the batch size) is what holds them back, whichever is larger.
+    Counting at admission (not when generation starts) keeps concurrent admissions honest. release() is
+    idempotent; __del__ releases a reservation whose generator was never started (e.g. the client left
+    before the stream began), so the count cannot leak.
     """
+
+    def __init__(self, state: ServerState, num_seqs: int) -> None:
+        self.state = state
+        self.num_seqs = num_seqs
+        state.in_flight_seqs += num_seqs
+
+    def release(self) -> None:
+        if self.num_seqs:
+            self.state.in_flight_seqs -= self.num_seqs
+            self.num_seqs = 0
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def admit(state: ServerState, num_seqs_per_prompt: int, num_prompts: int = 1) -> list[Reservation]:
+    """Reserve batch slots for a request's prompts, or 429 when too many sequences would wait.
+
+    Waiting = in-flight sequences beyond max_num_seqs, or the core's own waiting count when KV space (not
+    the batch size) is what holds them back, whichever is larger.
+    """
+    num_seqs = num_seqs_per_prompt * num_prompts
     limit = state.server_config.max_queued_requests
-    if limit is None:
-        return
-    max_seqs = state.engine_config.scheduler.max_num_seqs
-    queued = max(0, state.in_flight_seqs - max_seqs, state.last_num_waiting)
-    must_wait = state.in_flight_seqs + num_seqs > max_seqs or state.last_num_waiting > 0
-    if must_wait and queued + num_seqs > limit:
-        raise APIError(429, f"Too many requests waiting ({queued} sequences queued, limit {limit}); retry later.",
-                       "rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+    if limit is not None:
+        max_seqs = state.engine_config.scheduler.max_num_seqs
+        queued = max(0, state.in_flight_seqs - max_seqs, state.last_num_waiting)
+        must_wait = state.in_flight_seqs + num_seqs > max_seqs or state.last_num_waiting > 0
+        if must_wait and queued + num_seqs > limit:
+            raise APIError(429, f"Too many requests waiting ({queued} sequences queued, limit {limit}); retry later.",
+                           "rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+    return [Reservation(state, num_seqs_per_prompt) for _ in range(num_prompts)]
 
 
 def new_request_id(prefix: str) -> str:
@@ -158,7 +181,7 @@ def new_request_id(prefix: str) -> str:
 
 
 async def generate(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                   priority: int) -> AsyncIterator[Any]:
+                   priority: int, reservation: Reservation) -> AsyncIterator[Any]:
     """One engine request as an async iterator of RequestOutput deltas.
 
     Records metrics as tokens arrive. If the consumer stops early (disconnect, cancel, error) the engine
@@ -170,7 +193,6 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
     arrival_wall = time.time()
     prev: float | None = None
     finished: dict[int, str] = {}
-    state.in_flight_seqs += params.n
     stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority)
     try:
         try:
@@ -203,7 +225,7 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
             raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error",
                            code="engine_error") from exc
     finally:
-        state.in_flight_seqs -= params.n
+        reservation.release()
         await stream.aclose()  # aborts the request in the core if it is still running
         pop = getattr(getattr(engine, "client", None), "pop_first_scheduled", None)
         if pop is not None:

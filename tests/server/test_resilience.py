@@ -1,0 +1,139 @@
+"""Separate servers for what would disturb the shared one: auth, 429 admission, chat-template override,
+503 while loading, killing the engine core, and a graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.fixtures.servers import TINY_SERVER_FLAGS, start_server, wait_healthy
+
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_llama_dir, tmp_path_factory):
+    """Two servers started together (loading overlaps): `guarded` and `victim`."""
+    tmp = tmp_path_factory.mktemp("resilience")
+    (tmp / "template.jinja").write_text(TEMPLATE)
+    guarded = start_server(tiny_llama_dir, *TINY_SERVER_FLAGS[:-4], "--max-num-seqs", "2", "--max-queued-requests", "1",
+                           "--served-model-name", "tiny", "--chat-template", str(tmp / "template.jinja"),
+                           "--drain-timeout", "60", tmp_dir=tmp, env={"TOKENMILL_API_KEY": KEY}, wait_ready=False)
+    victim = start_server(tiny_llama_dir, *TINY_SERVER_FLAGS, tmp_dir=tmp, wait_ready=False)
+    try:
+        wait_healthy(guarded)
+        wait_healthy(victim)
+        yield guarded, victim
+    finally:
+        guarded.stop(10)
+        victim.stop(10)
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_503_while_loading(servers):
+    guarded, _ = servers
+    assert guarded.startup_responses, "the port opens before the model is loaded"
+    for status, body in guarded.startup_responses:
+        assert status == 503
+        err = json.loads(body)["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_api_key(servers):
+    url = servers[0].url
+    body = {"prompt": "hi", "max_tokens": 2}
+    for headers in ({}, auth("wrong"), {"Authorization": "Basic abc"}):
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.post(url + "/v1/completions", json=body, headers=auth()).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # probes need no key
+    assert httpx.get(url + "/metrics").status_code == 200
+
+
+def test_chat_template_override(servers):
+    url = servers[0].url
+    r = httpx.post(url + "/tokenize", headers=auth(), json={"messages": [{"role": "user", "content": "Hello"}]})
+    ids = r.json()["tokens"]
+    text = httpx.post(url + "/detokenize", headers=auth(), json={"tokens": ids}).json()["prompt"]
+    assert text == "[user] Hello\n[assistant]"
+
+
+def test_429_over_queue_limit(servers):
+    url = servers[0].url
+
+    async def one(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 30, "ignore_eos": True})
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=auth(), timeout=120) as client:
+            return await asyncio.gather(*(one(client) for _ in range(8)))
+
+    results = asyncio.run(main())
+    codes = sorted(r.status_code for r in results)
+    # 2 batch slots + 1 queued sequence are admitted; the rest are turned away
+    assert codes.count(200) == 3 and codes.count(429) == 5, codes
+    for r in results:
+        if r.status_code == 429:
+            assert r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_kill_core_fails_in_flight_and_health(servers):
+    victim = servers[1]
+    url = victim.url
+    core_pid = httpx.get(url + "/debug/stats").json()["core_pid"]
+    assert core_pid in [p.pid for p in victim.children()]
+    body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: {")
+        os.kill(core_pid, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert err["code"] == "engine_dead" and "core" in err["message"]
+    h = httpx.get(url + "/health")
+    assert h.status_code == 503 and h.json()["error"]["code"] == "engine_dead"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    assert victim.stop(20) == 0
+    assert not psutil.pid_exists(core_pid) or psutil.Process(core_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_drains_then_exits_zero(servers):
+    guarded = servers[0]
+    url = guarded.url
+    kids = guarded.children()
+    assert kids
+    body = {"prompt": "Hello", "max_tokens": 48, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60, headers=auth()) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        guarded.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").status_code != 503:  # draining: not ready any more
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = httpx.post(url + "/v1/completions", headers=auth(), json={"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503
+        rest = [line for line in lines if line]
+    # the in-flight stream ran to completion during the drain
+    assert rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert guarded.proc.wait(30) == 0
+    for k in kids:
+        assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
