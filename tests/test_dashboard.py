@@ -64,9 +64,9 @@ def _values(dom: str, attr: str) -> dict[str, float]:
 def dashboard_under_load(live_server: str, tiny_llama_dir: Path, tmp_path_factory) -> dict:  # noqa: F811
     """Load the live server, let a viewer poll the stats meanwhile, then render /dashboard in Chromium."""
     tmp = tmp_path_factory.mktemp("chromium")
-    with Load(live_server, tiny_llama_dir, n=48, max_duration_s=90) as load:
+    with Load(live_server, tiny_llama_dir, n=32, max_duration_s=60) as load:
         # Someone watching while the load runs: the server keeps the stats history the page charts.
-        for _ in range(8):
+        for _ in range(6):
             assert httpx.get(f"{live_server}/dashboard/stats", timeout=10).status_code == 200
             time.sleep(0.5)
         dom = chromium(["--virtual-time-budget=4000", "--dump-dom", f"{live_server}/dashboard"], tmp / "u1")

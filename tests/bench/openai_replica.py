@@ -24,9 +24,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 
 def build_app(tokenizer_dir: str, token_delay_s: float, model_name: str) -> FastAPI:
-    from transformers import AutoTokenizer
+    from pathlib import Path
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    from tokenizers import Tokenizer
+
+    # The `tokenizers` library directly: same ids as the HF wrapper, without importing transformers (slow).
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     app = FastAPI()
     counter = itertools.count(1)
 
@@ -46,7 +49,7 @@ def build_app(tokenizer_dir: str, token_delay_s: float, model_name: str) -> Fast
             return JSONResponse({"error": {"message": "replica: injected failure", "type": "server_error",
                                            "param": None, "code": None}}, status_code=500)
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
-        prompt_ids = tok.encode(prompt, add_special_tokens=False) or [0]
+        prompt_ids = tok.encode(prompt, add_special_tokens=False).ids or [0]
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         obj = "chat.completion.chunk" if chat else "text_completion"
 
