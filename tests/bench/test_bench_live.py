@@ -17,7 +17,8 @@ STABLE_KEYS = {
     "request_goodput", "output_throughput", "total_token_throughput", "max_output_tokens_per_s",
     "max_concurrent_requests", "input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times",
     "generated_texts", "errors", "backend", "model_id", "num_prompts", "request_rate", "burstiness",
-    "max_concurrency", "base_url", "endpoint", "num_unsent", "goodput_config", "dataset_name",
+    "max_concurrency", "base_url", "endpoint", "num_unsent", "goodput_config", "dataset_name", "date",
+    "tokenizer_id",
 } | {f"{stat}_{m}_ms" for stat in ("mean", "median", "std", "p50", "p90", "p99")
      for m in ("ttft", "tpot", "itl", "e2el")}
 

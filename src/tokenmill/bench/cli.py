@@ -111,7 +111,9 @@ def serve(
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
         return
-    result["dataset_name"] = dataset_name
+    # Run metadata under the names vLLM's --save-result uses.
+    result.update(dataset_name=dataset_name, date=datetime.now().strftime("%Y%m%d-%H%M%S"),
+                  tokenizer_id=tokenizer or model)
     if label:
         result["label"] = label
     print_result(result, console)
