@@ -33,11 +33,17 @@ def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
+        if name_or_path.endswith(".gguf"):
+            # The tokenizer tokenmill itself serves a GGUF with (converted once, cached by file hash).
+            from tokenmill.model.cache_dir import file_hash
+            from tokenmill.model.gguf_tokenizer import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(name_or_path, file_hash(name_or_path))
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except Exception as exc:  # transformers raises several types for "not found"
         raise ValueError(
             f"--tokenizer: cannot load a tokenizer from {name_or_path!r} ({exc}); "
-            "pass a local folder holding tokenizer.json / tokenizer_config.json"
+            "pass a local folder holding tokenizer.json / tokenizer_config.json, or a .gguf file"
         ) from exc
 
 

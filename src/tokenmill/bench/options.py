@@ -14,7 +14,8 @@ from tokenmill.bench.runner import RunConfig
 
 Model = Annotated[str | None, typer.Option(help="Model name sent in requests; default: the first of GET /v1/models.")]
 Tokenizer = Annotated[str | None, typer.Option(
-    help="Local tokenizer folder (HF format) for exact prompt lengths; default: --model when it is a folder.")]
+    help="Local tokenizer folder (HF format) or .gguf file, for exact prompt lengths; default: --model when "
+         "it is a folder.")]
 DatasetName = Annotated[str, typer.Option(help="random | custom (JSONL with a 'prompt' field) | sharegpt.")]
 DatasetPath = Annotated[str | None, typer.Option(help="File for --dataset-name custom / sharegpt.")]
 InputLen = Annotated[int, typer.Option(help="random: prompt tokens per request (vLLM default 1024).")]
