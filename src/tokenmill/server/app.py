@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import tokenmill
 from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.dashboard.router import dashboard_router
 from tokenmill.server.errors import APIError, engine_dead, error_body, install_error_handlers, unavailable
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.serving_chat import create_chat_completion
@@ -136,10 +136,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             body["core_pid"] = state.engine.model_info.extra.get("pid")
         return JSONResponse(body)
 
-    if importlib.util.find_spec("tokenmill.dashboard.router") is not None:
-        from tokenmill.dashboard.router import dashboard_router
-
-        app.include_router(dashboard_router(registry))
+    app.include_router(dashboard_router(registry))
     return app
 
 

@@ -8,7 +8,8 @@ import struct
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill.server.errors import APIError, context_length_exceeded, invalid_param
+from tokenmill.engine.errors import EngineDeadError
+from tokenmill.server.errors import APIError, context_length_exceeded, engine_dead, invalid_param
 from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.serving_completions import prompt_token_ids
 from tokenmill.server.serving_engine import check_model, check_ready, read_body
@@ -29,7 +30,12 @@ async def create_embedding(state: ServerState, request: Request) -> Response:
     for _, ids in inputs:
         if len(ids) > info.max_model_len:
             raise context_length_exceeded(len(ids), None, info.max_model_len, "input")
-    vectors = await until_disconnect(request, engine.embed([ids for _, ids in inputs]))
+    try:
+        vectors = await until_disconnect(request, engine.embed([ids for _, ids in inputs]))
+    except EngineDeadError as exc:
+        raise engine_dead(str(exc)) from exc
+    except ValueError as exc:
+        raise invalid_param("input", str(exc)) from exc
     if body.dimensions is not None:
         if not 1 <= body.dimensions <= len(vectors[0]):
             raise invalid_param("dimensions", f"invalid dimensions={body.dimensions}: must be in [1, {len(vectors[0])}]")
