@@ -31,6 +31,7 @@ from tokenmill.gateway.proxy import Opened, RelayResult, UpstreamFailure, open_u
 from tokenmill.gateway.queue import QueueFull, QueueTimeout
 from tokenmill.gateway.router import RouteContext
 from tokenmill.gateway.scraper import Scraper
+from tokenmill.gateway.upstream import ConnectionPool
 
 log = logging.getLogger("tokenmill.gateway")
 
@@ -56,6 +57,7 @@ class Gateway:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(up.read_timeout_s, connect=up.connect_timeout_s),
             limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=up.max_connections))
+        self.upstream = ConnectionPool(up.connect_timeout_s)
         self.model_router = ModelRouter(config.routes, self.client, scorers)
         self.health = HealthChecker(self.client, list(self.pools.values()), config.health, self.metrics)
         self.scraper = Scraper(self.client, lambda: [r for p in self.pools.values() for r in p.replicas],
@@ -83,6 +85,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(s.close() for s in self.scalers.values()), return_exceptions=True)
         await self.client.aclose()
+        self.upstream.close()
 
     def pool_for(self, model: str | None) -> Pool | None:
         if model is None:
@@ -177,8 +180,9 @@ class Gateway:
         for attempt in (0, 1):
             content = _body_for(replica.model_names or pool.model_names, body, raw)
             try:
-                opened = await open_upstream(self.client, f"{replica.url}{path}", content, up_headers,
-                                             self.config.upstream.first_byte_timeout_s)
+                opened = await open_upstream(self.upstream, f"{replica.url}{path}", content, up_headers,
+                                             self.config.upstream.first_byte_timeout_s,
+                                             self.config.upstream.read_timeout_s)
                 break
             except UpstreamFailure as e:
                 log.warning("pool %s: %s", pool.name, e)

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import httpx
+from tokenmill.gateway import upstream
 
 # Response headers not relayed: hop-by-hop ones, and length (a relayed stream is re-chunked).
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
@@ -39,7 +39,7 @@ class Opened:
     headers: dict[str, str]
     first: bytes
     rest: AsyncIterator[bytes]
-    response: httpx.Response
+    response: upstream.Response
     sent_at: float
 
 
@@ -52,38 +52,39 @@ def upstream_headers(incoming: dict[str, str], api_key: str | None, pass_auth: b
     return out
 
 
-def response_headers(resp: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+def response_headers(resp: upstream.Response) -> dict[str, str]:
+    return {k: v for k, v in resp.headers if k not in _DROP_RESPONSE}
 
 
-async def open_upstream(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
-                        first_byte_timeout_s: float) -> Opened:
+async def open_upstream(pool: upstream.ConnectionPool, url: str, body: bytes, headers: dict[str, str],
+                        first_byte_timeout_s: float, read_timeout_s: float) -> Opened:
     """Send the request and read until the first body chunk. Raises UpstreamFailure (retryable)."""
     sent_at = time.monotonic()
-    req = client.build_request("POST", url, content=body, headers=headers)
-    resp: httpx.Response | None = None
+    resp: upstream.Response | None = None
     try:
         async with asyncio.timeout(first_byte_timeout_s):
-            resp = await client.send(req, stream=True)
-            if resp.status_code >= 500:
+            resp = await upstream.post(pool, url, body, headers, read_timeout_s)
+            if resp.status >= 500:
                 data = await resp.aread()
                 await resp.aclose()
-                raise UpstreamFailure(f"upstream answered {resp.status_code}",
-                                      response=(resp.status_code, response_headers(resp), data))
-            it = resp.aiter_raw()
+                raise UpstreamFailure(f"upstream answered {resp.status}",
+                                      response=(resp.status, response_headers(resp), data))
+            it = resp.aiter_body()
             try:
                 first = await anext(it)
             except StopAsyncIteration:
                 first = b""
     except UpstreamFailure:
         raise
-    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-        raise UpstreamFailure(f"cannot connect to {url}: {e!r}", hard=True) from None
-    except (httpx.HTTPError, TimeoutError, OSError) as e:
+    except upstream.UpstreamError as e:
+        if resp is not None:
+            await resp.aclose()
+        raise UpstreamFailure(str(e), hard=e.connect) from None
+    except (TimeoutError, OSError) as e:
         if resp is not None:
             await resp.aclose()
         raise UpstreamFailure(f"{url} failed before the first byte: {e!r}") from None
-    return Opened(resp.status_code, response_headers(resp), first, it, resp, sent_at)
+    return Opened(resp.status, response_headers(resp), first, it, resp, sent_at)
 
 
 def error_event(message: str) -> bytes:
@@ -121,7 +122,7 @@ async def relay(opened: Opened, on_first: Callable[[], None],
                 chunk = await anext(opened.rest)
             except StopAsyncIteration:
                 break
-            except (httpx.HTTPError, OSError) as e:
+            except (upstream.UpstreamError, TimeoutError, OSError) as e:
                 result.failed = True
                 # Terminate a half-sent event first so the error event parses on its own.
                 prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
