@@ -17,15 +17,20 @@ class PrefillPlan:
 
     q_lo: int
     q_hi: int
-    key_slots: torch.Tensor | None  # [L] flat cache slots of visible keys; None: use this step's K/V (causal)
-    mask: torch.Tensor | None  # [n, L] bool, True = attend; None with key_slots None means plain causal
+    key_blocks: torch.Tensor | None  # [nb] block ids holding the visible keys; None: use this step's K/V (causal)
+    mask: torch.Tensor | None  # [n, nb * block_size] additive float mask (0 / -inf)
 
 
 @dataclass(slots=True)
 class FastPlan:
+    """Gather indices and masks shared by every layer of a group for one step.
+
+    K/V are gathered whole blocks at a time (block_size contiguous rows per index) rather than per slot.
+    """
+
     decode_token_idx: torch.Tensor | None  # [B] flat token index of each single-token sequence
-    decode_slots: torch.Tensor | None  # [B, L] flat cache slots (masked entries point at slot 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True = attend
+    decode_blocks: torch.Tensor | None  # [B, nb] block ids (padding and out-of-window entries masked)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] additive float mask
     decode_is_all: bool  # every token of the step is a decode, in order: skip the scatter
     prefills: list[PrefillPlan] = field(default_factory=list)
 
@@ -83,20 +88,19 @@ class AttentionMetadata:
             sliding_window=sliding_window,
         )
 
-    def plan(self) -> FastPlan:
+    def plan(self, dtype: torch.dtype) -> FastPlan:
         if self.fast_plan is None:
-            self.fast_plan = _make_plan(self)
+            self.fast_plan = _make_plan(self, dtype)
         return self.fast_plan
 
 
-def _key_slots(bt_row: torch.Tensor, key_pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    return bt_row[key_pos // block_size] * block_size + key_pos % block_size
-
-
-def _make_plan(m: AttentionMetadata) -> FastPlan:
+def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     device = m.slot_mapping.device
     bt = m.block_tables.cpu()
+    bs = m.block_size
     window = m.sliding_window
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
+    zero = torch.tensor(0.0, dtype=dtype)
     decodes = [s for s in range(len(m.seq_lens)) if m.query_start_loc[s + 1] - m.query_start_loc[s] == 1]
     prefills: list[PrefillPlan] = []
     for s in range(len(m.seq_lens)):
@@ -108,24 +112,28 @@ def _make_plan(m: AttentionMetadata) -> FastPlan:
         if start == 0 and (window is None or n <= window):
             prefills.append(PrefillPlan(q_lo, q_hi, None, None))
             continue
-        lo = max(0, start - window + 1) if window is not None else 0
-        key_pos = torch.arange(lo, ctx)
+        first_block = (max(0, start - window + 1) if window is not None else 0) // bs
+        last_block = (ctx - 1) // bs
+        key_pos = torch.arange(first_block * bs, (last_block + 1) * bs)
         q_pos = torch.arange(start, ctx)
-        mask = key_pos[None, :] <= q_pos[:, None]
+        visible = key_pos[None, :] <= q_pos[:, None]
         if window is not None:
-            mask &= (q_pos[:, None] - key_pos[None, :]) < window
-        slots = _key_slots(bt[s], key_pos, m.block_size)
-        prefills.append(PrefillPlan(q_lo, q_hi, slots.to(device), mask.to(device)))
+            visible &= (q_pos[:, None] - key_pos[None, :]) < window
+        blocks = bt[s, first_block : last_block + 1]
+        prefills.append(PrefillPlan(q_lo, q_hi, blocks.to(device), torch.where(visible, zero, neg_inf).to(device)))
     if not decodes:
         return FastPlan(None, None, None, False, prefills)
+    rows = torch.tensor(decodes)
     ctx = torch.tensor([m.seq_lens[s] for s in decodes], dtype=torch.long)
     lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
-    length = int((ctx - lo).max())
-    key_pos = lo[:, None] + torch.arange(length)[None, :]
-    valid = key_pos < ctx[:, None]
-    key_pos = torch.where(valid, key_pos, torch.zeros_like(key_pos))
-    rows = bt[torch.tensor(decodes)]
-    slots = torch.gather(rows, 1, key_pos // m.block_size) * m.block_size + key_pos % m.block_size
+    first_block = lo // bs
+    num_blocks = int(((ctx - 1) // bs - first_block).max()) + 1
+    block_idx = first_block[:, None] + torch.arange(num_blocks)[None, :]  # [B, nb]
+    in_table = block_idx < bt.shape[1]
+    blocks = torch.where(in_table, bt[rows[:, None], block_idx.clamp(max=bt.shape[1] - 1)], torch.zeros_like(block_idx))
+    key_pos = (block_idx[:, :, None] * bs + torch.arange(bs)[None, None, :]).reshape(len(decodes), -1)
+    visible = (key_pos < ctx[:, None]) & (key_pos >= lo[:, None])
+    mask = torch.where(visible, zero, neg_inf)[:, None, None, :]
     token_idx = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
     is_all = len(decodes) == len(m.seq_lens) and m.query_start_loc[-1] == len(decodes)
-    return FastPlan(token_idx.to(device), slots.to(device), valid[:, None, None, :].to(device), is_all, prefills)
+    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, prefills)

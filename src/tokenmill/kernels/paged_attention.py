@@ -1,9 +1,10 @@
 """Fast paged attention in PyTorch: batched decodes, one SDPA per prefill chunk.
 
-Decodes (sequences with one query token) are gathered into a padded [B, Hkv, L, D] batch and attended with
-one masked matmul-softmax-matmul, grouping query heads per KV head so GQA needs no K/V copies. A prefill
-chunk that starts at position 0 attends to its own fresh K/V with a causal SDPA; a later chunk gathers its
-visible context from the cache with an explicit mask. Checked against kernels/reference.py.
+Decodes (sequences with one query token) gather their K/V whole blocks at a time into a padded
+[B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call over strided views (no transpose
+copies; GQA handled by SDPA). A prefill chunk that starts at position 0 attends to its own fresh
+K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit mask.
+Checked against kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -23,24 +24,22 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    plan = meta.plan()
+    plan = meta.plan(q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
 
     dec_out = None
     if plan.decode_token_idx is not None:
         qd = q if plan.decode_is_all else q.index_select(0, plan.decode_token_idx)
         bsz = qd.shape[0]
-        qd = qd.view(bsz, num_kv_heads, group, head_dim)
-        keys = k_flat[plan.decode_slots].to(q.dtype).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        vals = v_flat[plan.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-        scores = torch.matmul(qd, keys).mul_(scale)  # [B, Hkv, G, L]
-        scores.masked_fill_(~plan.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        dec_out = torch.matmul(probs, vals).reshape(bsz, num_heads, head_dim)
+        keys = _gather_blocks(k_cache, plan.decode_blocks).view(bsz, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
+        vals = _gather_blocks(v_cache, plan.decode_blocks).view(bsz, -1, num_kv_heads, head_dim)
+        # SDPA reads the strided [B, Hkv, L, D] views directly (no transpose copies) and handles GQA.
+        dec_out = F.scaled_dot_product_attention(
+            qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=plan.decode_mask,
+            scale=scale, enable_gqa=group > 1,
+        ).view(bsz, num_heads, head_dim)
         if plan.decode_is_all:
             return dec_out
 
@@ -49,13 +48,19 @@ def paged_attention(
         out.index_copy_(0, plan.decode_token_idx, dec_out)
     for p in plan.prefills:
         qs = q[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        if p.key_slots is None:
+        if p.key_blocks is None:
             ks = k[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)
             vs = v[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
-            ks = k_flat[p.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-            vs = v_flat[p.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+            ks = _gather_blocks(k_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+            vs = _gather_blocks(v_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=group > 1)
         out[p.q_lo : p.q_hi] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of whole blocks: index_select on a 2-D view copies each block as one contiguous chunk."""
+    flat = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
+    return flat.view(*blocks.shape, *cache.shape[1:])

@@ -60,6 +60,7 @@ class RotaryEmbedding(nn.Module):
         self.params = params
         self._attention_scaling = 1.0
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._memo: tuple | None = None
 
     def _cos_sin(self, device: torch.device, dtype: torch.dtype, needed: int) -> torch.Tensor:
         key = (device, dtype)
@@ -74,11 +75,26 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = cached
         return cached
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self._cos_sin(q.device, q.dtype, 0)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for these positions. Every layer of a step passes the same positions tensor,
+        so the gather is done once per step (memoised on the tensor's identity)."""
+        memo = self._memo
+        if memo is not None and memo[0] is positions and memo[1] == dtype:
+            return memo[2], memo[3]
+        table = self._cos_sin(positions.device, dtype, 0)
         cs = table[positions]  # [T, 2, D]
         cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+        self._memo = (positions, dtype, cos, sin)
+        return cos, sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin(positions, q.dtype)
         return _apply(q, cos, sin), _apply(k, cos, sin)
+
+    def apply(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on one [T, H, D] tensor (e.g. q and k heads side by side: one pass instead of two)."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return _apply(x, cos, sin)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
