@@ -282,3 +282,23 @@ def test_metrics_move(tiny_server, client):
     client.completions.create(model=MODEL, prompt="Hello world " * 8, max_tokens=2, temperature=0)
     final = httpx.get(url + "/metrics").text
     assert metric(final, "tokenmill_prefix_cache_hits_total") > metric(after, "tokenmill_prefix_cache_hits_total")
+
+
+def test_echo_logit_bias_and_penalties_reach_the_sampler(client, tiny_server):
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("Hello world")
+    forced = httpx.post(tiny_server.url + "/tokenize", json={"prompt": " fox", "add_special_tokens": False}).json()
+    tid = forced["tokens"][-1]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                  logit_bias={str(tid): 100}, logprobs=0)
+    assert len(r.choices[0].logprobs.tokens) == 4
+    ids = httpx.post(tiny_server.url + "/tokenize", json={"prompt": r.choices[0].text, "add_special_tokens": False})
+    assert set(ids.json()["tokens"]) == {tid}
+    # frequency_penalty reaches the sampler: the tiny model's greedy run repeats tokens, the penalised one less
+    plain = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True}, logprobs=0).choices[0].logprobs.tokens
+    penalised = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, extra_body={"ignore_eos": True, "min_tokens": 12},
+                                          logprobs=0).choices[0].logprobs.tokens
+    assert len(set(plain)) < 12
+    assert len(penalised) == 12 and len(set(penalised)) > len(set(plain))
