@@ -10,7 +10,7 @@ import httpx
 from tests.gateway.client import completion, post
 from tests.gateway.conftest import start_gateway, wait_until
 from tokenmill.gateway.config import (ApiKeyConfig, EmbeddingScorerConfig, GatewayConfig, HealthConfig, PoolConfig,
-                                      ReplicaConfig, RouteConfig, RouteExample)
+                                      ReplicaConfig, RouteConfig, RouteExample, UpstreamConfig)
 from tokenmill.gateway.replicas import ReplicaState
 
 FAST_HEALTH = HealthConfig(interval_s=0.2, timeout_s=1.0, failure_threshold=2, eject_s=0.5, scrape_interval_s=0.2)
@@ -192,3 +192,22 @@ def test_power_of_two_and_round_robin_with_a_slow_replica(procs, gateways):
     rr, p2c = asyncio.run(main())
     assert rr == Counter({u: 3 for u in urls})
     assert p2c[slow.url] < min(p2c[fast.url], p2c[third.url])
+
+
+def test_first_byte_timeout_is_retried_on_another_replica(procs, gateways):
+    good = procs.test_replica()
+    stuck = procs.test_replica(ttft_delay=30)  # accepts, then sends nothing for 30 s
+    cfg = GatewayConfig(pools=(pool("p", [stuck.url, good.url], policy="round-robin"),), health=FAST_HEALTH,
+                        upstream=UpstreamConfig(first_byte_timeout_s=0.5))
+    gw = start_gateway(cfg)
+    gateways.append(gw)
+
+    async def main() -> list:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+            return await asyncio.gather(*(post(c, "/v1/completions", completion(3, stream=i % 2 == 0))
+                                          for i in range(4)))
+
+    results = asyncio.run(main())
+    assert all(r.status == 200 and r.replica == good.url for r in results)
+    assert gw.gateway.metrics.retries.labels("p")._value.get() >= 1
+    assert gw.gateway.pools["p"].outstanding() == 0

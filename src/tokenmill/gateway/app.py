@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tokenmill.gateway.actuators import Actuator, make_actuator
@@ -27,7 +27,8 @@ from tokenmill.gateway.limits import AuthError, KeyRing, RateLimiter, estimate_t
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.model_router import ModelRouter, Scorer, prompt_text
 from tokenmill.gateway.pool import Pool
-from tokenmill.gateway.proxy import Opened, RelayResult, UpstreamFailure, open_upstream, relay, upstream_headers
+from tokenmill.gateway.proxy import (Opened, Relay, RelayResponse, RelayResult, UpstreamFailure, count_tokens,
+                                     open_upstream, read_whole, upstream_headers)
 from tokenmill.gateway.queue import QueueFull, QueueTimeout
 from tokenmill.gateway.router import RouteContext
 from tokenmill.gateway.scraper import Scraper
@@ -177,12 +178,15 @@ class Gateway:
         up_headers = upstream_headers(hdrs, pool.config.api_key, pass_auth=not self.keys.enabled)
         stream = body.get("stream") is True
         opened: Opened | None = None
+        whole: bytes | None = None  # the full body, for anything that is not a 200 stream
         for attempt in (0, 1):
             content = _body_for(replica.model_names or pool.model_names, body, raw)
             try:
                 opened = await open_upstream(self.upstream, f"{replica.url}{path}", content, up_headers,
                                              self.config.upstream.first_byte_timeout_s,
                                              self.config.upstream.read_timeout_s)
+                if not (stream and opened.status == 200):
+                    whole = await read_whole(opened)
                 break
             except UpstreamFailure as e:
                 log.warning("pool %s: %s", pool.name, e)
@@ -207,10 +211,9 @@ class Gateway:
         name = pool.name
 
         def on_first() -> None:
-            if stream:
-                ttft = time.monotonic() - arrived
-                self.metrics.ttft.labels(name).observe(ttft)
-                pool.record_ttft(ttft)
+            ttft = time.monotonic() - arrived
+            self.metrics.ttft.labels(name).observe(ttft)
+            pool.record_ttft(ttft)
 
         def on_done(res: RelayResult) -> None:
             pool.release(replica)
@@ -220,10 +223,14 @@ class Gateway:
             if res.failed:
                 self.health.passive_failure(pool, replica)
 
-        if stream and opened.status == 200:
-            return StreamingResponse(relay(opened, on_first, on_done), status_code=opened.status, headers=headers)
-        chunks = [c async for c in relay(opened, on_first, on_done)]
-        return Response(b"".join(chunks), status_code=opened.status, headers=headers)
+        if whole is None:
+            return RelayResponse(Relay(opened, on_first, on_done), status_code=opened.status, headers=headers)
+        res = RelayResult()
+        usage: list[int] = []
+        count_tokens(whole, res, usage)
+        res.output_tokens = usage[-1] if usage else (res.output_tokens if opened.status == 200 else 0)
+        on_done(res)
+        return Response(whole, status_code=opened.status, headers=headers)
 
 
 def _request_priority(body: dict, header: str | None) -> int:

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from starlette.responses import StreamingResponse
+
 from tokenmill.gateway import upstream
 
 # Response headers not relayed: hop-by-hop ones, and length (a relayed stream is re-chunked).
@@ -98,6 +100,20 @@ class RelayResult:
     failed: bool = False
 
 
+async def read_whole(opened: Opened) -> bytes:
+    """The rest of a non-streamed body. Nothing has reached the client yet, so a failure here is still
+    retryable (UpstreamFailure)."""
+    parts = [opened.first]
+    try:
+        async for chunk in opened.rest:
+            parts.append(chunk)
+    except (upstream.UpstreamError, TimeoutError, OSError) as e:
+        raise UpstreamFailure(f"upstream failed while sending the body: {e!r}") from None
+    finally:
+        await opened.response.aclose()
+    return b"".join(parts)
+
+
 def count_tokens(chunk: bytes, result: RelayResult, usage: list[int]) -> None:
     m = _USAGE.findall(chunk)
     if m:
@@ -105,35 +121,65 @@ def count_tokens(chunk: bytes, result: RelayResult, usage: list[int]) -> None:
     result.output_tokens += len(_TOKEN_EVENT.findall(chunk))
 
 
-async def relay(opened: Opened, on_first: Callable[[], None],
-                on_done: Callable[[RelayResult], None]) -> AsyncIterator[bytes]:
-    """Yield the upstream body chunk by chunk. Closing this generator (client gone) closes upstream."""
-    result = RelayResult()
-    usage: list[int] = []
-    tail = b"\n\n"
-    try:
-        if opened.first:
-            on_first()
-            count_tokens(opened.first, result, usage)
-            tail = opened.first[-2:]
-            yield opened.first
-        while True:
-            try:
-                chunk = await anext(opened.rest)
-            except StopAsyncIteration:
-                break
-            except (upstream.UpstreamError, TimeoutError, OSError) as e:
-                result.failed = True
-                # Terminate a half-sent event first so the error event parses on its own.
-                prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
-                yield prefix + error_event(f"upstream replica failed mid-stream: {type(e).__name__}")
-                break
-            if chunk:
-                count_tokens(chunk, result, usage)
-                tail = (tail + chunk)[-2:]
-                yield chunk
-    finally:
-        await opened.response.aclose()
-        if usage:
-            result.output_tokens = usage[-1]
-        on_done(result)
+class Relay:
+    """The upstream body, chunk by chunk, as an async iterable for a streaming response.
+
+    finish() closes the upstream response and reports the outcome exactly once. It runs when the
+    iteration ends, and RelayResponse also calls it after the response, so a client that leaves (even
+    before the first chunk was sent) closes the upstream request and frees the replica slot at once."""
+
+    def __init__(self, opened: Opened, on_first: Callable[[], None], on_done: Callable[[RelayResult], None]) -> None:
+        self.opened = opened
+        self.on_first = on_first
+        self.on_done = on_done
+        self.result = RelayResult()
+        self._usage: list[int] = []
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        opened, result, usage = self.opened, self.result, self._usage
+        tail = b"\n\n"
+        try:
+            if opened.first:
+                self.on_first()
+                count_tokens(opened.first, result, usage)
+                tail = opened.first[-2:]
+                yield opened.first
+            while True:
+                try:
+                    chunk = await anext(opened.rest)
+                except StopAsyncIteration:
+                    break
+                except (upstream.UpstreamError, TimeoutError, OSError) as e:
+                    result.failed = True
+                    # Terminate a half-sent event first so the error event parses on its own.
+                    prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
+                    yield prefix + error_event(f"upstream replica failed mid-stream: {type(e).__name__}")
+                    break
+                if chunk:
+                    count_tokens(chunk, result, usage)
+                    tail = (tail + chunk)[-2:]
+                    yield chunk
+        finally:
+            await self.finish()
+
+    async def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await self.opened.response.aclose()
+        if self._usage:
+            self.result.output_tokens = self._usage[-1]
+        self.on_done(self.result)
+
+
+class RelayResponse(StreamingResponse):
+    def __init__(self, relay: Relay, status_code: int, headers: dict[str, str]) -> None:
+        super().__init__(relay, status_code=status_code, headers=headers)
+        self._relay = relay
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.finish()
