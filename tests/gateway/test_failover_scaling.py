@@ -6,6 +6,8 @@ test_real_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 
@@ -35,6 +37,22 @@ def test_scale_from_zero_first_request_waits_for_cold_start(gateways):
     r = asyncio.run(post(httpx.AsyncClient(base_url=gw.url, timeout=60), "/v1/completions", completion(3)))
     assert r.status == 200 and r.text == " w0 w1 w2"
     wait_until(lambda: p.desired == 0 and not p.replicas, 15, "idle pool back to zero")
+
+
+def test_a_managed_replica_that_dies_is_replaced(gateways):
+    auto = AutoscaleConfig(min_replicas=1, max_replicas=1, interval_s=0.2)
+    gw = start_gateway(GatewayConfig(pools=(PoolConfig(name="m", spec=replica_spec(), autoscale=auto),),
+                                     health=FAST_HEALTH))
+    gateways.append(gw)
+    p = gw.gateway.pools["m"]
+    act = gw.gateway.scalers["m"].actuator
+    wait_until(lambda: len(p.ready_replicas()) == 1, 30, "replica ready")
+    first = p.ready_replicas()[0].url
+    os.killpg(act.pid(first), signal.SIGKILL)
+    wait_until(lambda: [r.url for r in p.ready_replicas()] not in ([], [first]), 30, "a new replica in rotation")
+    assert act.urls == [p.ready_replicas()[0].url]
+    r = asyncio.run(post(httpx.AsyncClient(base_url=gw.url, timeout=30), "/v1/completions", completion(2)))
+    assert r.status == 200 and r.text == " w0 w1"
 
 
 def test_ray_actuator_starts_and_stops_a_replica():

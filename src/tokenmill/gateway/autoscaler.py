@@ -111,7 +111,16 @@ class PoolScaler:
     def live(self) -> list[Replica]:
         return [r for r in self.pool.replicas if r.state is not ReplicaState.DRAINING]
 
+    async def _reap_dead(self) -> None:
+        """A managed replica that was ejected and whose process is gone is removed, so it gets replaced."""
+        for r in list(self.pool.replicas):
+            if r.managed and r.state is ReplicaState.EJECTED and not await self.actuator.alive(r.url):
+                log.warning("pool %s: replica %s died; replacing it", self.pool.name, r.url)
+                self.pool.remove_replica(r)
+                await self.actuator.stop(r.url)
+
     async def step(self) -> None:
+        await self._reap_dead()
         now = time.monotonic()
         desired = decide(self.stats(), self.config, now)
         if desired > self.pool.desired:

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tokenmill.gateway.config import PoolConfig, QueueConfig
-from tokenmill.gateway.queue import AdmissionQueue, QueueFull, QueueTimeout
+from tokenmill.gateway.queue import AdmissionQueue, QueueTimeout
 from tokenmill.gateway.replicas import Replica, ReplicaState
 from tokenmill.gateway.router import Policy, RouteContext, make_policy
 
@@ -45,12 +45,6 @@ class Pool:
     def ready_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is ReplicaState.READY]
 
-    def add_replica(self, url: str, state: ReplicaState, managed: bool) -> Replica:
-        r = Replica(url=url.rstrip("/"), max_concurrency=self.config.max_concurrency, state=state, managed=managed)
-        self.replicas.append(r)
-        self.dispatch()
-        return r
-
     def remove_replica(self, replica: Replica) -> None:
         if replica in self.replicas:
             self.replicas.remove(replica)
@@ -62,7 +56,7 @@ class Pool:
     # -- admission -------------------------------------------------------------------------
     async def acquire(self, ctx: RouteContext, priority: int = 0, key: str = "",
                       exclude: frozenset[str] = frozenset()) -> tuple[Replica, float]:
-        """A replica slot and the seconds spent queued. Raises QueueFull or QueueTimeout."""
+        """A replica slot and the seconds spent queued. Raises QueueFull (from the queue) or QueueTimeout."""
         now = time.monotonic()
         self.last_request_at = now
         if not len(self.queue):
@@ -115,10 +109,6 @@ class Pool:
             others = [r for r in ready if r.url not in exclude]
             ready = others or ready
         return self.policy.choose(ready, ctx)
-
-    def check_queue_room(self) -> None:
-        if len(self.queue) >= self.queue.max_size:
-            raise QueueFull(f"admission queue of pool {self.name!r} is full ({self.queue.max_size} waiting)")
 
     # -- stats -------------------------------------------------------------------------------
     def record_ttft(self, ttft_s: float) -> None:
