@@ -44,6 +44,7 @@ MIXES = [
     [(0, 9), (12, 1), (3, 1), (5, 7)],  # fresh prefill, decodes, a later chunk
     [(20, 1), (7, 1), (33, 1)],  # decodes only
     [(0, 30), (40, 6)],  # prefills only, one with earlier context
+    [(0, 6), (4, 1), (0, 6), (0, 6), (0, 5), (0, 5)],  # equal-length fresh prefills, split and adjacent
 ]
 
 

@@ -17,8 +17,8 @@ class PrefillPlan:
 
     q_lo: int
     q_hi: int
-    key_blocks: torch.Tensor | None  # [nb] block ids holding the visible keys; None: use this step's K/V (causal)
-    mask: torch.Tensor | None  # [n, nb * block_size] additive float mask (0 / -inf)
+    key_blocks: torch.Tensor  # [nb] block ids holding the visible keys
+    mask: torch.Tensor  # [n, nb * block_size] additive float mask (0 / -inf)
 
 
 @dataclass(slots=True)
@@ -32,7 +32,10 @@ class FastPlan:
     decode_blocks: torch.Tensor | None  # [B, nb] block ids (padding and out-of-window entries masked)
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] additive float mask
     decode_is_all: bool  # every token of the step is a decode, in order: skip the scatter
-    prefills: list[PrefillPlan] = field(default_factory=list)
+    prefills: list[PrefillPlan] = field(default_factory=list)  # chunks that read earlier context
+    # Chunks starting at position 0 (no window cut), grouped by length: one batched causal SDPA per group
+    # (one call per sequence is several times slower on CPU). Each entry: (first token indices [S], n).
+    fresh_groups: list[tuple[torch.Tensor, int, bool]] = field(default_factory=list)  # (starts, n, contiguous)
 
 
 @dataclass(slots=True)
@@ -103,6 +106,7 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     zero = torch.tensor(0.0, dtype=dtype)
     decodes = [s for s in range(len(m.seq_lens)) if m.query_start_loc[s + 1] - m.query_start_loc[s] == 1]
     prefills: list[PrefillPlan] = []
+    fresh: dict[int, list[int]] = {}
     for s in range(len(m.seq_lens)):
         q_lo, q_hi = m.query_start_loc[s], m.query_start_loc[s + 1]
         n = q_hi - q_lo
@@ -110,7 +114,7 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
             continue
         start, ctx = m.start_pos[s], m.seq_lens[s]
         if start == 0 and (window is None or n <= window):
-            prefills.append(PrefillPlan(q_lo, q_hi, None, None))
+            fresh.setdefault(n, []).append(q_lo)
             continue
         first_block = (max(0, start - window + 1) if window is not None else 0) // bs
         last_block = (ctx - 1) // bs
@@ -121,8 +125,12 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
             visible &= (q_pos[:, None] - key_pos[None, :]) < window
         blocks = bt[s, first_block : last_block + 1]
         prefills.append(PrefillPlan(q_lo, q_hi, blocks.to(device), torch.where(visible, zero, neg_inf).to(device)))
+    groups = []
+    for n, starts in fresh.items():
+        contiguous = all(b - a == n for a, b in zip(starts, starts[1:]))
+        groups.append((torch.tensor(starts, dtype=torch.long).to(device), n, contiguous))
     if not decodes:
-        return FastPlan(None, None, None, False, prefills)
+        return FastPlan(None, None, None, False, prefills, groups)
     rows = torch.tensor(decodes)
     ctx = torch.tensor([m.seq_lens[s] for s in decodes], dtype=torch.long)
     lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
@@ -136,4 +144,4 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     mask = torch.where(visible, zero, neg_inf)[:, None, None, :]
     token_idx = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
     is_all = len(decodes) == len(m.seq_lens) and m.query_start_loc[-1] == len(decodes)
-    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, prefills)
+    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, prefills, groups)

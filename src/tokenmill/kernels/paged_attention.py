@@ -46,18 +46,37 @@ def paged_attention(
     out = torch.empty_like(q)
     if dec_out is not None:
         out.index_copy_(0, plan.decode_token_idx, dec_out)
+    for starts, n, contiguous in plan.fresh_groups:
+        if contiguous:
+            lo = int(starts[0])
+            sl = slice(lo, lo + n * starts.shape[0])
+            qs, ks, vs = q[sl], k[sl], v[sl]
+        else:
+            idx = (starts[:, None] + torch.arange(n, device=q.device)[None, :]).reshape(-1)
+            qs, ks, vs = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
+        o = F.scaled_dot_product_attention(
+            qs.view(-1, n, num_heads, head_dim).transpose(1, 2),
+            _repeat_kv(ks.view(-1, n, num_kv_heads, head_dim).transpose(1, 2), group),
+            _repeat_kv(vs.view(-1, n, num_kv_heads, head_dim).transpose(1, 2), group),
+            is_causal=True, scale=scale,
+        ).transpose(1, 2).reshape(-1, num_heads, head_dim)
+        if contiguous:
+            out[sl] = o
+        else:
+            out.index_copy_(0, idx, o)
     for p in plan.prefills:
         qs = q[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        if p.key_blocks is None:
-            ks = k[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)
-            vs = v[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
-        else:
-            ks = _gather_blocks(k_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
-            vs = _gather_blocks(v_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=group > 1)
+        ks = _gather_blocks(k_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        vs = _gather_blocks(v_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=group > 1)
         out[p.q_lo : p.q_hi] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[S, Hkv, n, D] -> [S, Hkv * group, n, D]. For fresh prefills an explicit copy makes SDPA faster on CPU
+    than its enable_gqa path (the copy is small next to the attention itself)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

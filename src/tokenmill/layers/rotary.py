@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
         return cached
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] for these positions. Every layer of a step passes the same positions tensor,
+        """cos and signed sin ([-sin_lo, sin_hi]) [T, 1, D] for these positions. Every layer of a step passes the same positions tensor,
         so the gather is done once per step (memoised on the tensor's identity)."""
         memo = self._memo
         if memo is not None and memo[0] is positions and memo[1] == dtype:
@@ -84,6 +84,9 @@ class RotaryEmbedding(nn.Module):
         table = self._cos_sin(positions.device, dtype, 0)
         cs = table[positions]  # [T, 2, D]
         cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of slice/neg/cat.
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         self._memo = (positions, dtype, cos, sin)
         return cos, sin
 
@@ -97,8 +100,5 @@ class RotaryEmbedding(nn.Module):
         return _apply(x, cos, sin)
 
 
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
