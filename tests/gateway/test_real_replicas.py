@@ -1,7 +1,8 @@
 """The gateway in front of real `tokenmill serve` replicas on tiny random models.
 
-Module-scoped: two tiny-Llama replicas (A, B) and one deliberately slow replica (C: a wider, deeper random
-Llama with --max-num-seqs 1, same tokenizer and served name), started in parallel once.
+Module-scoped: two tiny-Llama replicas (A, B), one deliberately slow replica (C: a wider, deeper random
+Llama with --max-num-seqs 1, same tokenizer and served name) and an all-MiniLM-L6-v2 embedding replica
+(for the embedding-similarity scorer), all started in parallel once.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pytest
 from tests.gateway.client import post
 from tests.gateway.conftest import ProcessSet, start_gateway, wait_healthy, wait_until
 from tokenmill.gateway.actuators import free_port
-from tokenmill.gateway.config import (AutoscaleConfig, GatewayConfig, HealthConfig, PoolConfig, QueueConfig,
-                                      ReplicaConfig, ReplicaSpec, RouteConfig)
+from tokenmill.gateway.config import (AutoscaleConfig, EmbeddingScorerConfig, GatewayConfig, HealthConfig,
+                                      PoolConfig, QueueConfig, ReplicaConfig, ReplicaSpec, RouteConfig, RouteExample)
 from tokenmill.gateway.replicas import ReplicaState
 
 pytestmark = pytest.mark.slow
@@ -34,8 +35,8 @@ def serve_cmd(model: Path, port: int, *extra: str) -> list[str]:
 
 
 class Replicas:
-    def __init__(self, procs: ProcessSet, fast: list, slow) -> None:
-        self.procs, self.fast, self.slow = procs, fast, slow
+    def __init__(self, procs: ProcessSet, fast: list, slow, embed) -> None:
+        self.procs, self.fast, self.slow, self.embed = procs, fast, slow, embed
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +48,18 @@ def slow_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_llama_dir, slow_model_dir):
+def replicas(tiny_llama_dir, slow_model_dir, minilm_dir):
     ps = ProcessSet()
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
+    embed_cmd = [sys.executable, "-c", SERVE, str(minilm_dir), "--host", "127.0.0.1", "--port", str(ports[3]),
+                 "--task", "embed", "--served-model-name", "minilm", "--dtype", "float32"]
     cmds = [serve_cmd(tiny_llama_dir, ports[0]), serve_cmd(tiny_llama_dir, ports[1]),
-            serve_cmd(slow_model_dir, ports[2], "--max-num-seqs", "1")]
+            serve_cmd(slow_model_dir, ports[2], "--max-num-seqs", "1"), embed_cmd]
     try:
         started = [ps.spawn(cmd, port) for cmd, port in zip(cmds, ports)]  # all load in parallel
         for p in started:
             wait_healthy(p.url, p.popen, 180)
-        yield Replicas(ps, started[:2], started[2])
+        yield Replicas(ps, started[:2], started[2], started[3])
     finally:
         ps.close()
 
@@ -204,6 +207,33 @@ def test_routing_greeting_small_code_task_large(replicas, gateways):
         assert s.headers["x-tokenmill-pool"] == "large" and s.done and s.events
 
     asyncio.run(main())
+
+
+def test_embedding_scorer_routes_by_similarity_to_labelled_examples(replicas, gateways):
+    a, b = (r.url for r in replicas.fast)
+    examples = tuple(RouteExample(t, lab) for t, lab in [
+        ("Hi, how are you?", "small"), ("Thanks, have a nice day!", "small"),
+        ("What is the capital of France?", "small"),
+        ("Write a Python function that parses a CSV file and explain the algorithm step by step.", "large"),
+        ("Implement a thread-safe LRU cache in Java and analyze its time complexity.", "large"),
+        ("Prove that the sum of the first n odd numbers is n squared.", "large")])
+    route = RouteConfig(alias="auto", small="small", large="large", scorer="embedding",
+                        embedding=EmbeddingScorerConfig(url=replicas.embed.url, model="minilm", examples=examples,
+                                                        top_k=2))
+    gw = start_gateway(GatewayConfig(pools=(pool("small", [a]), pool("large", [b])), routes=(route,),
+                                     health=FAST_HEALTH))
+    gateways.append(gw)
+
+    def ask(text: str):
+        body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+        return asyncio.run(post(httpx.AsyncClient(base_url=gw.url, timeout=60), "/v1/chat/completions", body))
+
+    hello = ask("Hello! Good morning.")
+    code = ask("Write a Rust program that implements a binary search tree with insert and delete, then explain "
+               "each step.")
+    assert hello.status == 200 and hello.headers["x-tokenmill-pool"] == "small" and hello.replica == a
+    assert code.status == 200 and code.headers["x-tokenmill-pool"] == "large" and code.replica == b
+    assert float(hello.headers["x-tokenmill-complexity"]) < 0.5 <= float(code.headers["x-tokenmill-complexity"])
 
 
 def test_autoscaler_raises_a_real_local_pool_and_brings_it_back(tiny_llama_dir, gateways):
