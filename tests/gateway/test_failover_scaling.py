@@ -87,3 +87,17 @@ def test_ray_actuator_starts_and_stops_a_replica():
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_failing_replica_starts_back_off(gateways):
+    bad = ReplicaSpec(command=(sys.executable, "-c", "import sys; sys.exit(3)"), startup_timeout_s=10)
+    gw = start_gateway(GatewayConfig(pools=(PoolConfig(name="b", spec=bad, autoscale=AutoscaleConfig(interval_s=0.1)),),
+                                     health=FAST_HEALTH))
+    gateways.append(gw)
+    scaler = gw.gateway.scalers["b"]
+    wait_until(lambda: scaler._failed_starts >= 2, 20, "two failed starts")
+    time.sleep(1.0)
+    assert scaler._failed_starts <= 3  # backoff 2 s, 4 s, ...: not one start per 0.1 s step
+    assert not gw.gateway.pools["b"].ready_replicas()
+    r = httpx.get(f"{gw.url}/health").json()
+    assert r["pools"]["b"]["ready"] == 0

@@ -96,6 +96,8 @@ class PoolScaler:
         self.last_scale_up_at: float | None = None
         self.last_scale_down_at: float | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._failed_starts = 0
+        self._retry_start_at = 0.0
         pool.desired = self.config.min_replicas
 
     def stats(self) -> PoolStats:
@@ -132,8 +134,9 @@ class PoolScaler:
         self.pool.desired = desired
         self.metrics.replicas_desired.labels(self.pool.name).set(desired)
         live = self.live()
-        for _ in range(desired - len(live)):
-            self._spawn(self._start_one())
+        if now >= self._retry_start_at:  # after failed starts, back off instead of respawning every step
+            for _ in range(desired - len(live)):
+                self._spawn(self._start_one())
         surplus = len(live) - desired
         if surplus > 0:
             # Prefer replicas still starting, then the least busy.
@@ -157,6 +160,7 @@ class PoolScaler:
         except Exception:
             log.exception("pool %s: replica start failed", self.pool.name)
             self.pool.remove_replica(placeholder)
+            self._start_failed()
             return
         if placeholder.state is ReplicaState.DRAINING:  # scaled down while starting
             self.pool.remove_replica(placeholder)
@@ -168,14 +172,22 @@ class PoolScaler:
             placeholder.model_names = await fetch_model_names(self._client, url, 5.0)
             if self.pool.config.model is None:
                 self.pool.model_names = tuple(dict.fromkeys(self.pool.model_names + placeholder.model_names))
+            self._failed_starts = 0
             if placeholder.state is ReplicaState.STARTING:
                 placeholder.readmit()
                 log.info("pool %s: replica %s is ready", self.pool.name, url)
                 self.pool.dispatch()
-        else:
+        elif placeholder.state is not ReplicaState.DRAINING:
             log.error("pool %s: replica %s did not become healthy; stopping it", self.pool.name, url)
             self.pool.remove_replica(placeholder)
             await self.actuator.stop(url)
+            self._start_failed()
+
+    def _start_failed(self) -> None:
+        self._failed_starts += 1
+        delay = min(60.0, 2.0 ** self._failed_starts)
+        self._retry_start_at = time.monotonic() + delay
+        log.warning("pool %s: next replica start in %.0f s", self.pool.name, delay)
 
     async def _wait_ready(self, url: str) -> bool:
         deadline = time.monotonic() + self.spec.startup_timeout_s
