@@ -157,6 +157,10 @@ def test_alias_routes_small_and_large_with_headers(procs, gateways):
                 assert float(t.headers["x-tokenmill-complexity"]) >= 0.5
             ids = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
             assert ids == ["small-model", "large-model", "auto", "auto-emb"]
+            missing = await post(c, "/v1/chat/completions", GREETING)  # no model, two pools
+            assert missing.status == 400 and missing.body["error"]["param"] == "model"
+            huge = await c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}')
+            assert huge.status_code == 413
 
     asyncio.run(main())
     text = httpx.get(f"{gw.url}/metrics").text

@@ -100,3 +100,22 @@ def test_parse_load_tokenmill_and_vllm_names():
           '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="m"} 0.9\n')
     load = parse_load(vl)
     assert load.num_waiting == 7.0 and load.kv_usage == 0.9
+
+
+def test_embedding_scorer_failure_falls_back_to_the_heuristic():
+    import httpx
+
+    from tokenmill.gateway.actuators import free_port
+    from tokenmill.gateway.config import EmbeddingScorerConfig, RouteConfig, RouteExample
+    from tokenmill.gateway.model_router import ModelRouter
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    route = RouteConfig(alias="auto", small="s", large="l", scorer="embedding",
+                        embedding=EmbeddingScorerConfig(url=dead, examples=(RouteExample("hi", "small"),)))
+
+    async def main():
+        async with httpx.AsyncClient() as client:
+            return await ModelRouter((route,), client).route("auto", {"prompt": "hello"})
+
+    d = asyncio.run(main())
+    assert d.pool == "s" and d.score.features["fallback"] == 1.0

@@ -115,6 +115,9 @@ class Gateway:
     async def handle(self, request: Request, path: str) -> Response:
         arrived = time.monotonic()
         raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            return error_response(413, f"request body of {len(raw)} bytes exceeds the limit of "
+                                  f"{self.config.max_body_bytes} bytes (max_body_bytes)", "invalid_request_error")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -138,6 +141,10 @@ class Gateway:
             extra_headers["x-tokenmill-complexity"] = f"{decision.score.value:.4f}"
         else:
             pool = self.pool_for(model if isinstance(model, str) else None)
+        if pool is None and model is None:
+            self.metrics.requests.labels("none", "400").inc()
+            return error_response(400, f"model: required when the gateway serves several models; available: "
+                                  f"{', '.join(self.model_list())}", "invalid_request_error", "missing_model", "model")
         if pool is None:
             self.metrics.requests.labels("none", "404").inc()
             return error_response(404, f"The model `{model}` does not exist; available: "
@@ -149,8 +156,10 @@ class Gateway:
             return error_response(429, f"rate limit of API key {caller.name!r} exceeded; retry in {wait:.1f} s",
                                   "rate_limit_error", "rate_limit_exceeded", retry_after=wait)
         priority = caller.priority + _request_priority(body, hdrs.get(self.config.queue.priority_header.lower()))
-        ctx = RouteContext(affinity_key=hdrs.get("x-session-id") or
-                           (prompt_text(body)[: pool.config.affinity_prefix_chars] or None))
+        key_text = hdrs.get("x-session-id")
+        if key_text is None and pool.config.policy == "affinity":
+            key_text = prompt_text(body)[: pool.config.affinity_prefix_chars] or None
+        ctx = RouteContext(affinity_key=key_text)
         return await self._forward(pool, path, body, raw, hdrs, ctx, priority, caller.name, arrived, extra_headers)
 
     async def _admit(self, pool: Pool, ctx: RouteContext, priority: int, key: str,

@@ -135,6 +135,7 @@ class GatewayConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413 before anything is forwarded
 
     def __post_init__(self) -> None:
         validate(self)

@@ -7,6 +7,7 @@ embedding scorer compares the prompt with labelled examples through an embedding
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ _MATH = re.compile(r"\\frac|\\int|\\sum|\b(prove|proof|theorem|lemma|integral|de
 _STEPS = re.compile(r"\bstep[- ]by[- ]step\b|\b(first|then|next|finally|afterwards)\b|^\s*\d+[.)]\s|"
                     r"\b(explain|analy[sz]e|compare|design|plan|evaluate|trade-?offs?|why)\b",
                     re.IGNORECASE | re.MULTILINE)
+
+log = logging.getLogger("tokenmill.gateway")
 
 # Weights of each feature in the score; they sum to 1 so the score stays in [0, 1].
 WEIGHTS = {"length": 0.25, "max_tokens": 0.15, "code": 0.25, "math": 0.1, "steps": 0.15, "depth": 0.1}
@@ -155,5 +158,10 @@ class ModelRouter:
 
     async def route(self, alias: str, body: dict) -> Decision:
         r = self.routes[alias]
-        s = await self._scorers[alias].score(body)
+        try:
+            s = await self._scorers[alias].score(body)
+        except Exception as e:  # e.g. the embeddings endpoint is down: routing must not fail the request
+            log.warning("route %s: scorer failed (%r); using the heuristic", alias, e)
+            h = HeuristicScorer().score_sync(body)
+            s = Score(h.value, {**h.features, "fallback": 1.0})
         return Decision(r.large if s.value >= r.threshold else r.small, s)
