@@ -1,4 +1,4 @@
-"""`tokenmill serve | gateway | bench | cost | generate`.
+"""tokenmill: serve LLMs behind an OpenAI-compatible API, route and scale them, measure them.
 
 Each command lives with its part of the package; this file only wires them into one typer app.
 Command modules import nothing heavy at module level, so `tokenmill --help` is instant.
