@@ -19,8 +19,10 @@ TEXTS = ["Hello world! café 🙂", "The quick brown fox jumps over the lazy dog
 @pytest.fixture(scope="module")
 def gguf_files(tiny_gguf_sources, tmp_path_factory, gguf_cache_dir) -> dict[tuple[str, str], Path]:
     out = tmp_path_factory.mktemp("gguf_files")
-    return {(arch, q): write_gguf_from_hf(src, out / f"{arch}-{q}.gguf", arch, q)
-            for arch, src in tiny_gguf_sources.items() for q in ("F32", "Q8_0", "F16")}
+    files = {(arch, q): write_gguf_from_hf(src, out / f"{arch}-{q}.gguf", arch, q)
+             for arch, src in tiny_gguf_sources.items() if arch != "llama3" for q in ("F32", "Q8_0", "F16")}
+    files[("llama3", "F32")] = write_gguf_from_hf(tiny_gguf_sources["llama3"], out / "llama3-F32.gguf", "llama", "F32")
+    return files
 
 
 def _source_logits(src_dir: Path, qtype: str = "F32") -> torch.Tensor:
@@ -54,6 +56,21 @@ def test_logits_match_source_weights(arch, gguf_files, tiny_gguf_sources):
         torch.testing.assert_close(got, _source_logits(src, qtype), atol=2e-5, rtol=0)
         err = (got - ref).abs().max().item()
         assert 0 < err < 0.05 * ref.abs().max().item(), f"{qtype}: max error {err} vs the unrounded weights"
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(gguf_files, tiny_gguf_sources):
+    """Llama 3 GGUFs carry rope scaling only as the rope_freqs tensor; positions past the original
+    context (64 here) go through the scaled frequencies."""
+    prompt = (PROMPT * 5)[:100]
+    lm = load_model(ModelConfig(model=str(gguf_files[("llama3", "F32")])))
+    rope = lm.model.model.layers[0].self_attn.rotary.params
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["original_max_position_embeddings"] == 64
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf_sources["llama3"]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(prefill_logits(lm.model, prompt), want, atol=2e-5, rtol=0)
 
 
 def test_q8_0_matches_transformers_gguf_loader(gguf_files):

@@ -115,9 +115,38 @@ def _rope_scaling(g: GGUFFile) -> dict | None:
     kind = g.arch_key("rope.scaling.type")
     if kind in (None, "none"):
         return None
+    if kind == "llama3":
+        return None  # carried by the rope_freqs tensor, see llama3_scaling_from_factors
     if kind != "linear":
         raise ValueError(f"model: GGUF rope.scaling.type={kind!r} in {g.path} is not supported (supported: linear)")
     return {"rope_type": "linear", "factor": float(g.arch_key("rope.scaling.factor"))}
+
+
+def llama3_scaling_from_factors(g: GGUFFile, theta: float, head_dim: int) -> dict:
+    """Llama 3.x GGUFs store llama3 RoPE scaling as per-frequency divisors (rope_freqs) and not its
+    parameters. Recover them: factor is the largest divisor; low/high frequency factors and the original
+    context are searched among the values Meta uses and accepted only if they reproduce every divisor."""
+    import math
+
+    import numpy as np
+
+    from tokenmill.model.gguf_dequant import dequantize
+
+    info = g.tensors["rope_freqs.weight"]
+    want = dequantize(info.data, info.ggml_type, info.shape).numpy().astype(np.float64)
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    factor = float(want.max())
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+        for orig in [2**k for k in range(6, 18)]:
+            smooth = (orig / wavelen - low) / (high - low)
+            got = np.where(wavelen < orig / high, 1.0,
+                           np.where(wavelen > orig / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+            if np.allclose(got, want, rtol=1e-4, atol=0):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": orig}
+    raise ValueError(f"model: rope_freqs in {g.path} match no llama3 rope scaling parameters; "
+                     "load the Hugging Face folder of this model instead")
 
 
 def build_hf_config(g: GGUFFile) -> Any:
@@ -129,10 +158,7 @@ def build_hf_config(g: GGUFFile) -> Any:
     theta = float(g.arch_key("rope.freq_base", 10000.0))
     scaling = _rope_scaling(g)
     if "rope_freqs.weight" in g.tensors:
-        raise ValueError(
-            f"model: {g.path} carries llama3 rope_freqs factors, which this loader does not reconstruct; "
-            "load the Hugging Face folder of this model instead"
-        )
+        scaling = llama3_scaling_from_factors(g, theta, kw.get("head_dim", kw["hidden_size"] // kw["num_attention_heads"]))
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
 
