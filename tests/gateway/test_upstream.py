@@ -88,3 +88,28 @@ def test_unread_body_closes_the_connection_and_refused_is_a_connect_error():
         pool.close()
 
     asyncio.run(main())
+
+
+def test_a_stream_that_goes_silent_times_out():
+    async def main() -> None:
+        silent = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: a\r\n")  # then nothing
+
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(silent)
+            await asyncio.sleep(5)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = upstream.ConnectionPool(connect_timeout_s=2)
+        r = await upstream.post(pool, url, b"{}", {}, read_timeout_s=0.3)
+        it = r.aiter_body()
+        assert await anext(it) == b"data: a"
+        with pytest.raises(TimeoutError):
+            await anext(it)
+        await r.aclose()
+        server.close()
+
+    asyncio.run(main())

@@ -115,9 +115,10 @@ async def read_whole(opened: Opened) -> bytes:
 
 
 def count_tokens(chunk: bytes, result: RelayResult, usage: list[int]) -> None:
-    m = _USAGE.findall(chunk)
-    if m:
-        usage.append(int(m[-1]))
+    if b'"usage"' in chunk:  # a cheap substring test first: most stream chunks carry no usage
+        m = _USAGE.findall(chunk)
+        if m:
+            usage.append(int(m[-1]))
     result.output_tokens += len(_TOKEN_EVENT.findall(chunk))
 
 

@@ -95,6 +95,9 @@ class Response:
         self._conn: _Conn | None = conn
         self._read_timeout_s = read_timeout_s
         self._complete = False
+        self._timed_out = False
+        self._last_read = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         h = {k: v.lower() for k, v in headers}
         self._keep_alive = "close" not in h.get("connection", "")
         self._chunked = "chunked" in h.get("transfer-encoding", "")
@@ -103,52 +106,79 @@ class Response:
         if status in (204, 304) or (self._length == 0):
             self._complete = True
 
+    def _watch(self) -> None:
+        """Idle watchdog: one timer per response instead of a timeout per chunk (cheaper per token). It
+        closes the connection when no byte arrived for read_timeout_s; the pending read then fails."""
+        conn = self._conn
+        if conn is None or self._complete:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._last_read
+        if idle >= self._read_timeout_s:
+            self._timed_out = True
+            conn.close()
+        else:
+            self._watchdog = loop.call_later(self._read_timeout_s - idle, self._watch)
+
     async def aiter_body(self) -> AsyncIterator[bytes]:
         if self._complete:
             return
         r = self._conn.reader  # type: ignore[union-attr]
-        t = self._read_timeout_s
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        self._watchdog = loop.call_later(self._read_timeout_s, self._watch)
         try:
             if self._chunked:
                 while True:
-                    async with asyncio.timeout(t):
-                        line = await r.readline()
-                        if not line:
-                            raise UpstreamError("connection closed inside a chunked body")
-                        size = int(line.split(b";", 1)[0].strip(), 16)
-                        if size == 0:
-                            while (await r.readline()) not in (b"\r\n", b"\n", b""):
-                                pass  # trailers
-                            self._complete = True
-                            return
-                        data = await r.readexactly(size + 2)
+                    line = await r.readline()
+                    if not line:
+                        raise UpstreamError("connection closed inside a chunked body")
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        while (await r.readline()) not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        self._complete = True
+                        return
+                    data = await r.readexactly(size + 2)
+                    self._last_read = loop.time()
                     yield data[:-2]
             elif self._length is not None:
                 left = self._length
                 while left > 0:
-                    async with asyncio.timeout(t):
-                        data = await r.read(min(left, 1 << 16))
+                    data = await r.read(min(left, 1 << 16))
                     if not data:
                         raise UpstreamError("connection closed before the end of the body")
+                    self._last_read = loop.time()
                     left -= len(data)
                     yield data
                 self._complete = True
             else:
                 self._keep_alive = False
                 while True:
-                    async with asyncio.timeout(t):
-                        data = await r.read(1 << 16)
+                    data = await r.read(1 << 16)
                     if not data:
                         self._complete = True
                         return
+                    self._last_read = loop.time()
                     yield data
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, UpstreamError) as e:
+            if self._timed_out:
+                raise TimeoutError(f"no data from upstream for {self._read_timeout_s} s") from None
+            if isinstance(e, UpstreamError):
+                raise
             raise UpstreamError(f"upstream body broken: {e!r}") from None
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
 
     async def aread(self) -> bytes:
         return b"".join([c async for c in self.aiter_body()])
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         conn, self._conn = self._conn, None
         if conn is None:
             return
