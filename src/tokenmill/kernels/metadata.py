@@ -35,7 +35,7 @@ class FastPlan:
     prefills: list[PrefillPlan] = field(default_factory=list)  # chunks that read earlier context
     # Chunks starting at position 0 (no window cut), grouped by length: one batched causal SDPA per group
     # (one call per sequence is several times slower on CPU). Each entry: (first token indices [S], n).
-    fresh_groups: list[tuple[torch.Tensor, int, bool]] = field(default_factory=list)  # (starts, n, contiguous)
+    fresh_groups: list[tuple[list[int], torch.Tensor, int, bool]] = field(default_factory=list)  # (starts, starts on device, n, contiguous)
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] long
-    block_tables: torch.Tensor  # [S, max_blocks] long, padded with 0 (the null block)
+    block_tables: torch.Tensor  # [S, max_blocks] long, padded with 0 (the null block), on the host
     block_tables_list: list[list[int]]
     query_start_loc: list[int]
     start_pos: list[int]
@@ -82,7 +82,7 @@ class AttentionMetadata:
         slots = bt[seq_idx, positions // block_size] * block_size + positions % block_size
         return cls(
             slot_mapping=slots.to(device),
-            block_tables=bt.to(device),
+            block_tables=bt,
             block_tables_list=[list(t) for t in block_tables],
             query_start_loc=qsl,
             start_pos=list(start_pos),
@@ -99,7 +99,7 @@ class AttentionMetadata:
 
 def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     device = m.slot_mapping.device
-    bt = m.block_tables.cpu()
+    bt = m.block_tables  # host copy: planning never waits on the device
     bs = m.block_size
     window = m.sliding_window
     neg_inf = torch.tensor(float("-inf"), dtype=dtype)
@@ -128,7 +128,7 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     groups = []
     for n, starts in fresh.items():
         contiguous = all(b - a == n for a, b in zip(starts, starts[1:]))
-        groups.append((torch.tensor(starts, dtype=torch.long).to(device), n, contiguous))
+        groups.append((starts, torch.tensor(starts, dtype=torch.long).to(device), n, contiguous))
     if not decodes:
         return FastPlan(None, None, None, False, prefills, groups)
     rows = torch.tensor(decodes)

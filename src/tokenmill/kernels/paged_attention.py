@@ -46,10 +46,10 @@ def paged_attention(
     out = torch.empty_like(q)
     if dec_out is not None:
         out.index_copy_(0, plan.decode_token_idx, dec_out)
-    for starts, n, contiguous in plan.fresh_groups:
+    for starts_list, starts, n, contiguous in plan.fresh_groups:
         if contiguous:
-            lo = int(starts[0])
-            sl = slice(lo, lo + n * starts.shape[0])
+            lo = starts_list[0]
+            sl = slice(lo, lo + n * len(starts_list))
             qs, ks, vs = q[sl], k[sl], v[sl]
         else:
             idx = (starts[:, None] + torch.arange(n, device=q.device)[None, :]).reshape(-1)

@@ -123,7 +123,7 @@ class Sampler:
         x = logits[torch.tensor(which, device=dev)] if len(which) < len(states) else logits
         p_list = [states[i].params for i in which]
         rep = torch.tensor([p.repetition_penalty for p in p_list], device=dev)[:, None]
-        if bool((rep != 1.0).any()):
+        if any(p.repetition_penalty != 1.0 for p in p_list):
             prompt_seen = _token_counts([states[i].prompt_token_ids for i in which], vocab, dev) > 0
             seen = prompt_seen | (out_counts > 0)
             penalised = torch.where(x > 0, x / rep, x * rep)
