@@ -95,23 +95,6 @@ def replica_url(bench_tokenizer_dir: Path) -> Iterator[str]:
     stop(proc)
 
 
-def start_tokenmill_serve(model_dir: Path, extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
-    """`tokenmill serve` on a tiny model on a free port (the server's own CLI function, run via typer)."""
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    code = "import typer; from tokenmill.server.cli import serve_command; typer.run(serve_command)"
-    args = [str(model_dir), "--port", str(port), "--kv-cache-memory", "0.05", "--max-num-seqs", "16",
-            "--served-model-name", "tiny", *(extra_args or [])]
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url + "/health", proc, timeout_s=120.0)
-    except Exception:
-        stop(proc)
-        raise
-    return url, proc
-
-
 # Fixtures imported into several test modules get one pytest FixtureDef each; this reference-counted cache
 # makes them share one process per session instead of starting a server per importing module.
 _SHARED: dict[str, list] = {}
@@ -134,10 +117,9 @@ def _release(key: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def live_server(tiny_llama_dir: Path) -> Iterator[str]:
-    """A live `tokenmill serve` on the tiny Llama (shared by the bench, dashboard and Grafana tests)."""
-    yield _acquire("server", lambda: start_tokenmill_serve(tiny_llama_dir))
-    _release("server")
+def live_server(tiny_server) -> str:
+    """The SERVER area's session `tokenmill serve` on the tiny Llama (served as "tiny"): its base URL."""
+    return tiny_server.url
 
 
 def start_gateway(replica_urls: list[str]) -> tuple[str, subprocess.Popen]:
