@@ -137,6 +137,11 @@ def main() -> None:
             gws[name] = spawn(cmd, port, started)
         run = lambda url: asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens))  # noqa: E731
         run(r1), run(gws["gw1"])  # warm-up: connections, first-request paths
+        # Unloaded latency: one request at a time, so the figure is the gateway hop, not CPU queueing.
+        seq_d, seq_g = [], []
+        for _ in range(args.repeats):
+            seq_d.append(asyncio.run(load(r1, 20, 1, 4))["ttft_p50_ms"])
+            seq_g.append(asyncio.run(load(gws["gw1"], 20, 1, 4))["ttft_p50_ms"])
         runs: dict[str, list[dict]] = {"direct": [], "gw1": [], "gw2": []}
         gw1_proc = started[2]
         gw_cpu = 0.0
@@ -157,6 +162,7 @@ def main() -> None:
                                    "throughput_tok_s": med(g2, "throughput_tok_s")},
         }
         out["ttft_p50_overhead_ms"] = round(out["gateway_1_replica"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"], 3)
+        out["ttft_p50_overhead_ms_concurrency_1"] = round(statistics.median(seq_g) - statistics.median(seq_d), 3)
         out["throughput_overhead_pct"] = round(
             100 * (1 - out["gateway_1_replica"]["throughput_tok_s"] / out["direct"]["throughput_tok_s"]), 2)
         # CPU the gateway process spent per relayed token: robust to other load on a shared machine.
