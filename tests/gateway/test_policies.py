@@ -45,6 +45,13 @@ def test_least_outstanding_picks_least_loaded_and_counts_scraped_waiting():
     assert lo.choose(rs, CTX).url == "http://r2"
 
 
+def test_least_outstanding_breaks_ties_by_kv_usage():
+    rs = replicas(3)
+    rs[0].load.kv_usage, rs[1].load.kv_usage, rs[2].load.kv_usage = 0.9, 0.2, 0.5
+    lo = LeastOutstanding()
+    assert {lo.choose(rs, CTX).url for _ in range(5)} == {"http://r1"}
+
+
 def test_least_outstanding_spreads_ties():
     rs = replicas(3)
     lo = LeastOutstanding()

@@ -53,7 +53,8 @@ class RoundRobin:
 
 
 class LeastOutstanding:
-    """Fewest in-flight (+ replica-reported waiting) requests per unit weight; ties rotate."""
+    """Fewest in-flight (+ replica-reported waiting) requests per unit weight, then lowest KV usage;
+    remaining ties rotate."""
 
     name = "least-outstanding"
 
@@ -68,7 +69,8 @@ class LeastOutstanding:
         n = len(cands)
         # Rotating the start makes ties spread instead of always hitting the first replica.
         order = [cands[(i + self._tick) % n] for i in range(n)]
-        return min(order, key=lambda r: r.load_score())
+        # Equal request load: the replica with the emptier KV cache has more room to batch.
+        return min(order, key=lambda r: (r.load_score(), r.load.kv_usage))
 
 
 class PowerOfTwo:
@@ -84,7 +86,7 @@ class PowerOfTwo:
         if len(cands) <= 1:
             return cands[0] if cands else None
         a, b = self._rng.sample(cands, 2)
-        return a if a.load_score() <= b.load_score() else b
+        return a if (a.load_score(), a.load.kv_usage) <= (b.load_score(), b.load.kv_usage) else b
 
 
 def _hash(key: str) -> int:
