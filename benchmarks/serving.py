@@ -124,6 +124,7 @@ def main() -> None:
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        kv_cache_memory=args.kv_cache_memory)
     offline, prompts = run_offline(args.model, engine_args, args)
+    print(json.dumps({"offline": offline}), file=sys.stderr, flush=True)  # progress, in case of a long run
 
     port = free_port()
     log_path = Path(f"/tmp/tokenmill-bench-serving-{port}.log")
@@ -136,6 +137,7 @@ def main() -> None:
             run = asyncio.run(run_serving(f"http://127.0.0.1:{port}", prompts, args.output_len, c))
             run["ratio_vs_offline"] = round(run["output_tok_s"] / offline["output_tok_s"], 3)
             serving.append(run)
+            print(json.dumps({"serving": run}), file=sys.stderr, flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -171,3 +171,12 @@ def test_sigterm_drains_then_exits_zero(servers):
     # closed pipe a moment after the server exits)
     _, alive = psutil.wait_procs(kids, timeout=10)
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_unloadable_model_exits_nonzero(tmp_path):
+    server = start_server(tmp_path / "no-such-model", tmp_dir=tmp_path, wait_ready=False)
+    try:
+        assert server.proc.wait(120) == 1
+    finally:
+        server.stop(5)
+    assert "no such file or folder" in server.log()

@@ -30,7 +30,8 @@ from tokenmill.engine.stats import SchedulerStats
 log = logging.getLogger("tokenmill.engine.core")
 
 _DELTA_FIELDS = [f.name for f in fields(SeqOutputDelta)]
-_IDLE_POLL_MS = 500  # how often an idle core checks that its parent is still alive
+_IDLE_POLL_MS = 500  # how often the core checks that its parent is still alive
+_PRUNE_EVERY_STEPS = 512  # how often finished requests are dropped from the first-scheduled bookkeeping
 
 
 def pack(obj: Any) -> bytes:
@@ -131,6 +132,7 @@ def _loop(core: Any, runner: _TimedRunner, inp: Any, out: Any, parent_pid: int) 
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
     next_parent_check = time.monotonic() + _IDLE_POLL_MS / 1000
+    steps = 0
     while True:
         busy = core is not None and core.has_unfinished()
         events = dict(poller.poll(0 if busy else _IDLE_POLL_MS))
@@ -150,8 +152,11 @@ def _loop(core: Any, runner: _TimedRunner, inp: Any, out: Any, parent_pid: int) 
             if runner.first_scheduled:
                 waits, runner.first_scheduled = runner.first_scheduled, {}
             out.send(pack(["out", [delta_to_row(d) for d in deltas], stats_to_wire(core.stats()), waits]))
+            steps += 1
             if not core.has_unfinished():
                 runner.seen.clear()
+            elif steps % _PRUNE_EVERY_STEPS == 0:  # under constant load the set would only grow
+                runner.seen.intersection_update(core.scheduler.requests.keys())
         elif got and core is not None:
             out.send(pack(["stats", stats_to_wire(core.stats())]))  # e.g. after an abort freed blocks
         if time.monotonic() >= next_parent_check:

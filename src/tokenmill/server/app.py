@@ -160,6 +160,9 @@ async def _load(state: ServerState, factory: EngineFactory) -> None:
     except Exception as exc:  # noqa: BLE001 - reported on /health and logged; the process stays up
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("engine failed to start: %s", state.load_error)
+        failed = state.extra.get("on_load_error")
+        if failed is not None:
+            failed()
         return
     state.engine = engine
     info = engine.model_info

@@ -45,6 +45,8 @@ def serve_command(
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse KV blocks of identical prompt prefixes across requests.")] = _C.enable_prefix_caching,
+    scheduling_policy: Annotated[str, typer.Option(
+        help="fcfs | priority. priority: lower `priority` values in requests are served first.")] = _S.policy,
     task: Annotated[str, typer.Option(help="generate | embed (embed serves /v1/embeddings).")] = "generate",
     seed: Annotated[int, typer.Option(help="Seed for unseeded sampling.")] = 0,
     drain_timeout: Annotated[float, typer.Option(
@@ -63,7 +65,8 @@ def serve_command(
                           served_model_name=served_model_name, chat_template=template, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                           enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  policy=scheduling_policy),
     )
     server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
                                  max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,

@@ -75,5 +75,10 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, chat_te
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=log_level,
                             timeout_graceful_shutdown=2, access_log=False, lifespan="on")
     server = DrainingServer(config, state)
+
+    def load_failed() -> None:  # nothing to serve: exit (status 1) instead of answering 503 forever
+        server.should_exit = True
+
+    state.extra["on_load_error"] = load_failed
     server.run()
     return 0 if state.load_error is None else 1

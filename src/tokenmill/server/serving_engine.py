@@ -167,6 +167,8 @@ def admit(state: ServerState, num_seqs_per_prompt: int, num_prompts: int = 1) ->
     num_seqs = num_seqs_per_prompt * num_prompts
     limit = state.server_config.max_queued_requests
     if limit is not None:
+        if state.engine is not None:
+            state.last_num_waiting = state.engine.stats().num_waiting
         max_seqs = state.engine_config.scheduler.max_num_seqs
         queued = max(0, state.in_flight_seqs - max_seqs, state.last_num_waiting)
         must_wait = state.in_flight_seqs + num_seqs > max_seqs or state.last_num_waiting > 0
@@ -225,13 +227,14 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
             raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error",
                            code="engine_error") from exc
     finally:
+        # Bookkeeping first: under cancellation the await below may be interrupted.
         reservation.release()
-        await stream.aclose()  # aborts the request in the core if it is still running
         pop = getattr(getattr(engine, "client", None), "pop_first_scheduled", None)
         if pop is not None:
             pop(request_id)
         state.metrics.observe_finished(timing, _overall_reason(finished, params.n), len(prompt_ids),
                                        time.monotonic())
+        await stream.aclose()  # aborts the request in the core if it is still running
 
 
 def _scheduled_time(engine: Any, request_id: str, timing: RequestTiming, arrival_wall: float) -> float:
