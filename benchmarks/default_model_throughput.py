@@ -106,6 +106,7 @@ def main() -> None:
                       "single_stream_ttft_s": round(ttft, 3),
                       "single_stream_s_per_output_token": round((single_s - ttft) / max(1, args.single_stream_tokens - 1), 4)},
     }
+    print(json.dumps({"partial": result}), file=sys.stderr, flush=True)  # survives a later timeout
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
@@ -116,6 +117,7 @@ def main() -> None:
                                                "output_tok_s": round(total_out / hb_s, 1)}
         result["ratio_vs_static_batch"] = round(hb_s / tm_s, 2)
         result["greedy_identical_fraction"] = round(sum(a == b for a, b in zip(tm_tokens, hb_tokens)) / len(prompts), 3)
+        print(json.dumps({"partial": result}), file=sys.stderr, flush=True)
         if args.hf_single:
             n = min(args.hf_single, len(prompts))
             hs_s, _ = hf_generate(hf, prompts[:n], args.output_len, 1)
