@@ -15,7 +15,7 @@ from torch import nn
 from tokenmill.engine.outputs import KVCacheGroupSpec
 from tokenmill.layers.activation import get_act_and_mul
 from tokenmill.layers.attention import Attention, ForwardContext
-from tokenmill.layers.linear import FusedLinear, column_major, copy_weight
+from tokenmill.layers.linear import FusedLinear, column_major, copy_weight, try_pack
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -149,11 +149,21 @@ class LlamaForCausalLM(nn.Module):
 
     def post_load(self) -> None:
         # Tied embeddings: the lookup wants rows contiguous, the LM head matmul wants columns contiguous
-        # (much faster on CPU), so the head gets its own column-major copy there.
+        # (much faster on CPU), so the head gets its own column-major copy there. Subclasses with their own
+        # compute_logits (Gemma 3) rely on lm_head_weight.
         emb = self.model.embed_tokens.weight
         self.lm_head_weight = column_major(emb) if self.lm_head is None and emb.device.type == "cpu" else None
+        self.packed_lm_head = None
+        if self.lm_head is None and type(self).compute_logits is LlamaForCausalLM.compute_logits:
+            # A oneDNN-packed head replaces the column-major copy (same memory, ~2x faster at decode sizes).
+            self.packed_lm_head = try_pack(emb)
+            if self.packed_lm_head is not None:
+                self.lm_head_weight = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "packed_lm_head", None)
+        if packed is not None:
+            return packed(hidden).float()
         weight = getattr(self, "lm_head_weight", None)
         if weight is None:
             weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
