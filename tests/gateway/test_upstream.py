@@ -1,115 +1,209 @@
-"""The proxy's HTTP/1.1 client against a raw asyncio server: framing, keep-alive reuse, stale connections."""
+"""The proxy's upstream client (aiohttp wrapper) against a real local aiohttp.web server on 127.0.0.1:
+streamed and fixed-length bodies, keep-alive reuse, client leaving mid-stream, refused, silent and broken streams."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import pytest
+from aiohttp import web
 
-from tokenmill.gateway import upstream
-
-
-async def serve(responses: list[bytes], close_after_each: bool):
-    """A real TCP server: answers requests in order with the canned responses; counts connections."""
-    state = {"connections": 0, "requests": []}
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state["connections"] += 1
-        while responses:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
-            state["requests"].append(head + await reader.readexactly(length))
-            writer.write(responses.pop(0))
-            await writer.drain()
-            if close_after_each:
-                break
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", state
+from tokenmill.gateway.actuators import free_port
+from tokenmill.gateway.upstream import UpstreamClient, UpstreamError
 
 
-CHUNKED = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-           b"7\r\ndata: a\r\n7;ext=1\r\ndata: b\r\n0\r\n\r\n")
-FIXED = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+class Server:
+    """Routes: /stream (chunked SSE, one event per `step` event), /fixed (Content-Length JSON),
+    /silent (one event then nothing), /broken (one event then the connection drops), /gzip."""
+
+    def __init__(self) -> None:
+        self.peers: set[tuple] = set()  # distinct client connections seen
+        self.requests: list[tuple[dict, bytes]] = []
+        self.step = asyncio.Event()
+        self.stream_cancelled = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _record(self, request: web.Request) -> None:
+        self.peers.add(request.transport.get_extra_info("peername"))
+        self.requests.append((dict(request.headers), await request.read()))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(int(request.query.get("n", "2"))):
+                if request.query.get("wait"):
+                    await self.step.wait()
+                    self.step.clear()
+                await resp.write(f"data: {i}\n\n".encode())
+        except asyncio.CancelledError:
+            self.stream_cancelled.set()  # aiohttp.web cancels the handler when the client disconnects
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def fixed(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.json_response({"ok": True}, headers={"x-replica": "r1"})
+
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"data: a\n\n")
+        await asyncio.sleep(30)
+        return resp
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"data: a\n\n")
+        request.transport.close()  # dies mid-body: the chunked body never ends
+        return resp
+
+    async def gzipped(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(body=gzip.compress(b"hello"), headers={"content-encoding": "gzip"})
+
+    async def start(self, keepalive_timeout: float = 75.0) -> str:
+        app = web.Application()
+        app.add_routes([web.post("/stream", self.stream), web.post("/fixed", self.fixed),
+                        web.post("/silent", self.silent), web.post("/broken", self.broken),
+                        web.post("/gzip", self.gzipped)])
+        self.runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout, handler_cancellation=True)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
 
 
-def test_chunked_and_fixed_bodies_reuse_one_connection():
+def client(read_timeout_s: float = 5.0) -> UpstreamClient:
+    return UpstreamClient(connect_timeout_s=2, read_timeout_s=read_timeout_s, max_connections=16,
+                          max_connections_per_replica=8)
+
+
+def run(test) -> None:
     async def main() -> None:
-        server, url, state = await serve([CHUNKED, FIXED], close_after_each=False)
-        pool = upstream.ConnectionPool(connect_timeout_s=2)
-        r = await upstream.post(pool, f"{url}/v1/completions", b'{"x":1}', {"content-type": "application/json"}, 5)
+        server = Server()
+        await server.start()
+        up = client()
+        try:
+            await test(server, up)
+        finally:
+            await up.close()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_streamed_and_fixed_bodies_reuse_one_connection():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        r = await up.post(f"{server.url}/stream?n=3", b'{"x":1}', {"content-type": "application/json",
+                                                                   "x-session-id": "s1"})
         assert r.status == 200 and ("content-type", "text/event-stream") in r.headers
-        assert [c async for c in r.aiter_body()] == [b"data: a", b"data: b"]
+        assert b"".join([c async for c in r.aiter_body()]) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
         await r.aclose()
-        r = await upstream.post(pool, f"{url}/v1/completions", b"{}", {}, 5)
-        assert await r.aread() == b'{"ok":true}'
+        r = await up.post(f"{server.url}/fixed", b"{}", {})
+        assert await r.aread() == b'{"ok": true}' and ("x-replica", "r1") in r.headers
         await r.aclose()
-        assert state["connections"] == 1
-        assert state["requests"][0].startswith(b"POST /v1/completions HTTP/1.1\r\n")
-        assert state["requests"][0].endswith(b'\r\n\r\n{"x":1}')
-        pool.close()
-        server.close()
+        assert len(server.peers) == 1  # keep-alive: the second request reused the first connection
+        headers, body = server.requests[0]
+        assert body == b'{"x":1}' and headers["x-session-id"] == "s1"
+        assert "Accept-Encoding" not in headers and "Cookie" not in headers
 
-    asyncio.run(main())
-
-
-def test_server_closed_idle_connection_is_replaced_transparently():
-    async def main() -> None:
-        server, url, state = await serve([FIXED, FIXED], close_after_each=True)
-        pool = upstream.ConnectionPool(connect_timeout_s=2)
-        for _ in range(2):
-            r = await upstream.post(pool, f"{url}/x", b"{}", {}, 5)
-            assert await r.aread() == b'{"ok":true}'
-            await r.aclose()
-        assert state["connections"] == 2
-        pool.close()
-        server.close()
-
-    asyncio.run(main())
+    run(test)
 
 
-def test_unread_body_closes_the_connection_and_refused_is_a_connect_error():
-    async def main() -> None:
-        server, url, state = await serve([CHUNKED, FIXED], close_after_each=False)
-        pool = upstream.ConnectionPool(connect_timeout_s=2)
-        r = await upstream.post(pool, f"{url}/x", b"{}", {}, 5)
+def test_chunks_arrive_as_the_server_sends_them():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        r = await up.post(f"{server.url}/stream?n=3&wait=1", b"{}", {})
         it = r.aiter_body()
-        assert await anext(it) == b"data: a"
-        await r.aclose()  # client left mid-stream: the connection must not go back to the pool
-        r = await upstream.post(pool, f"{url}/x", b"{}", {}, 5)
+        for i in range(3):
+            server.step.set()  # the server sends the next event only now: nothing may wait for more
+            assert await asyncio.wait_for(anext(it), 5) == f"data: {i}\n\n".encode()
+        assert [c async for c in it] == []
         await r.aclose()
-        assert state["connections"] == 2
-        server.close()
-        await server.wait_closed()
-        with pytest.raises(upstream.UpstreamError) as e:
-            await upstream.post(upstream.ConnectionPool(2), url, b"{}", {}, 5)
+
+    run(test)
+
+
+def test_leaving_mid_stream_closes_the_upstream_connection():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        r = await up.post(f"{server.url}/stream?n=100&wait=1", b"{}", {})
+        it = r.aiter_body()
+        server.step.set()
+        assert await anext(it) == b"data: 0\n\n"
+        await r.aclose()  # the client left: the replica must see the disconnect and stop generating
+        await asyncio.wait_for(server.stream_cancelled.wait(), 5)
+        r = await up.post(f"{server.url}/fixed", b"{}", {})
+        await r.aread()
+        await r.aclose()
+        assert len(server.peers) == 2  # the half-read connection was not put back in the pool
+
+    run(test)
+
+
+def test_refused_connection_is_a_connect_error():
+    async def main() -> None:
+        up = client()
+        with pytest.raises(UpstreamError) as e:
+            await up.post(f"http://127.0.0.1:{free_port()}/v1/completions", b"{}", {})
         assert e.value.connect
-        pool.close()
+        await up.close()
 
     asyncio.run(main())
 
 
 def test_a_stream_that_goes_silent_times_out():
     async def main() -> None:
-        silent = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: a\r\n")  # then nothing
-
-        async def handle(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(2)
-            writer.write(silent)
-            await asyncio.sleep(5)
-            writer.close()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        pool = upstream.ConnectionPool(connect_timeout_s=2)
-        r = await upstream.post(pool, url, b"{}", {}, read_timeout_s=0.3)
+        server = Server()
+        await server.start()
+        up = client(read_timeout_s=0.3)
+        r = await up.post(f"{server.url}/silent", b"{}", {})
         it = r.aiter_body()
-        assert await anext(it) == b"data: a"
+        assert await anext(it) == b"data: a\n\n"
         with pytest.raises(TimeoutError):
-            await anext(it)
+            await asyncio.wait_for(anext(it), 10)
         await r.aclose()
-        server.close()
+        await up.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_body_cut_mid_stream_is_an_upstream_error():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        r = await up.post(f"{server.url}/broken", b"{}", {})
+        it = r.aiter_body()
+        assert await anext(it) == b"data: a\n\n"
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(anext(it), 10)
+        await r.aclose()
+
+    run(test)
+
+
+def test_bodies_are_relayed_as_sent_and_closed_idle_connections_are_replaced():
+    async def main() -> None:
+        server = Server()
+        await server.start(keepalive_timeout=0.1)  # the server closes idle keep-alive connections quickly
+        up = client()
+        for _ in range(2):
+            r = await up.post(f"{server.url}/gzip", b"{}", {})
+            assert ("content-encoding", "gzip") in r.headers
+            assert gzip.decompress(await r.aread()) == b"hello"  # not decompressed by the client
+            await r.aclose()
+            await asyncio.sleep(0.5)
+        assert len(server.peers) == 2
+        await up.close()
+        await server.stop()
 
     asyncio.run(main())

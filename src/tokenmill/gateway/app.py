@@ -32,7 +32,7 @@ from tokenmill.gateway.proxy import (Opened, Relay, RelayResponse, RelayResult, 
 from tokenmill.gateway.queue import QueueFull, QueueTimeout
 from tokenmill.gateway.router import RouteContext
 from tokenmill.gateway.scraper import Scraper
-from tokenmill.gateway.upstream import ConnectionPool
+from tokenmill.gateway.upstream import UpstreamClient
 
 log = logging.getLogger("tokenmill.gateway")
 
@@ -58,7 +58,9 @@ class Gateway:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(up.read_timeout_s, connect=up.connect_timeout_s),
             limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=up.max_connections))
-        self.upstream = ConnectionPool(up.connect_timeout_s)
+        # Per replica the gateway never has more requests in flight than the pool's max_concurrency.
+        per_replica = max((p.max_concurrency for p in config.pools), default=1)
+        self.upstream = UpstreamClient(up.connect_timeout_s, up.read_timeout_s, up.max_connections, per_replica)
         self.model_router = ModelRouter(config.routes, self.client, scorers)
         self.health = HealthChecker(self.client, list(self.pools.values()), config.health, self.metrics)
         self.scraper = Scraper(self.client, lambda: [r for p in self.pools.values() for r in p.replicas],
@@ -86,7 +88,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(s.close() for s in self.scalers.values()), return_exceptions=True)
         await self.client.aclose()
-        self.upstream.close()
+        await self.upstream.close()
 
     def pool_for(self, model: str | None) -> Pool | None:
         if model is None:
@@ -192,8 +194,7 @@ class Gateway:
             content = _body_for(replica.model_names or pool.model_names, body, raw)
             try:
                 opened = await open_upstream(self.upstream, f"{replica.url}{path}", content, up_headers,
-                                             self.config.upstream.first_byte_timeout_s,
-                                             self.config.upstream.read_timeout_s)
+                                             self.config.upstream.first_byte_timeout_s)
                 if not (stream and opened.status == 200):
                     whole = await read_whole(opened)
                 break

@@ -58,14 +58,14 @@ def response_headers(resp: upstream.Response) -> dict[str, str]:
     return {k: v for k, v in resp.headers if k not in _DROP_RESPONSE}
 
 
-async def open_upstream(pool: upstream.ConnectionPool, url: str, body: bytes, headers: dict[str, str],
-                        first_byte_timeout_s: float, read_timeout_s: float) -> Opened:
+async def open_upstream(client: upstream.UpstreamClient, url: str, body: bytes, headers: dict[str, str],
+                        first_byte_timeout_s: float) -> Opened:
     """Send the request and read until the first body chunk. Raises UpstreamFailure (retryable)."""
     sent_at = time.monotonic()
     resp: upstream.Response | None = None
     try:
         async with asyncio.timeout(first_byte_timeout_s):
-            resp = await upstream.post(pool, url, body, headers, read_timeout_s)
+            resp = await client.post(url, body, headers)
             if resp.status >= 500:
                 data = await resp.aread()
                 await resp.aclose()
