@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tokenmill.gateway.actuators import Actuator, make_actuator
 from tokenmill.gateway.autoscaler import PoolScaler
 from tokenmill.gateway.config import GatewayConfig
+from tokenmill.gateway.drain import Drain, DrainGate
 from tokenmill.gateway.health import HealthChecker
 from tokenmill.gateway.limits import AuthError, KeyRing, RateLimiter, estimate_tokens
 from tokenmill.gateway.metrics import GatewayMetrics
@@ -53,6 +54,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry)
         self.pools = {p.name: Pool(p, config.queue) for p in config.pools}
         self.keys = KeyRing(config.api_keys)
+        self.drain = Drain()
         self.limiter = RateLimiter()
         up = config.upstream
         self.client = httpx.AsyncClient(
@@ -275,6 +277,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
 
     app = FastAPI(title="tokenmill gateway", lifespan=lifespan)
     app.state.gateway = gw
+    app.add_middleware(DrainGate, drain=gw.drain)
 
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
         async def endpoint(request: Request, _path: str = path) -> Response:
@@ -292,7 +295,8 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
         pools = {n: {"ready": len(p.ready_replicas()), "desired": p.desired, "queued": len(p.queue)}
                  for n, p in gw.pools.items()}
         ok = any(v["ready"] or gw.pools[n].autoscaled for n, v in pools.items())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "pools": pools}, status_code=200 if ok else 503)
+        status = "draining" if gw.drain.draining else "ok" if ok else "unavailable"
+        return JSONResponse({"status": status, "pools": pools}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,7 +10,7 @@ import typer
 
 
 def build_config(config: Path | None, replica: list[str] | None, policy: str | None, host: str | None,
-                 port: int | None, max_concurrency: int | None):
+                 port: int | None, max_concurrency: int | None, drain_timeout: float | None = None):
     """The GatewayConfig the command would run (ValueError naming the option on bad input)."""
     from tokenmill.gateway.config import GatewayConfig, PoolConfig, ReplicaConfig, load_config
 
@@ -29,7 +29,8 @@ def build_config(config: Path | None, replica: list[str] | None, policy: str | N
                           replicas=tuple(ReplicaConfig(url=u) for u in replica),
                           max_concurrency=max_concurrency or 32)
         cfg = GatewayConfig(pools=(pool,))
-    return dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port)
+    return dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port,
+                               drain_timeout_s=cfg.drain_timeout_s if drain_timeout is None else drain_timeout)
 
 
 def gateway_command(
@@ -44,6 +45,9 @@ def gateway_command(
     port: Annotated[int | None, typer.Option(help="Port (default 9000, or the config's).")] = None,
     max_concurrency: Annotated[int | None, typer.Option(
         help="In-flight requests per replica before requests queue at the gateway (default 32).")] = None,
+    drain_timeout: Annotated[float | None, typer.Option(
+        help="After SIGTERM/SIGINT: seconds in-flight requests may take to finish while new ones get 503 "
+             "(default 30, or the config's drain_timeout_s).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the gateway: an OpenAI-compatible reverse proxy with load balancing, queueing, routing, autoscaling."""
@@ -53,9 +57,10 @@ def gateway_command(
     from prometheus_client import CollectorRegistry
 
     from tokenmill.gateway.app import create_app
+    from tokenmill.gateway.drain import DrainingServer
 
     try:
-        cfg = build_config(config, replica, policy, host, port, max_concurrency)
+        cfg = build_config(config, replica, policy, host, port, max_concurrency, drain_timeout)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -64,4 +69,8 @@ def gateway_command(
     pools = ", ".join(f"{p.name} ({p.policy}, {len(p.replicas)} replicas{', autoscaled' if p.autoscale else ''})"
                       for p in cfg.pools)
     typer.echo(f"tokenmill gateway on http://{cfg.host}:{cfg.port}  pools: {pools}")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=10)
+    # The drain already waited for in-flight requests; uvicorn's own grace only covers a forced stop.
+    server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level,
+                                           timeout_graceful_shutdown=1), app.state.gateway.drain, cfg.drain_timeout_s)
+    server.run()
+    # Exit 0 (not -15): the shutdown was the one asked for. The lifespan has stopped managed replicas.

@@ -136,6 +136,7 @@ class GatewayConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413 before anything is forwarded
+    drain_timeout_s: float = 30.0  # after SIGTERM: how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:
         validate(self)
@@ -259,4 +260,5 @@ def validate(cfg: GatewayConfig) -> None:
             _require(v is None or v > 0, f"api_keys[{i}].{fname}", v, "a positive integer or null")
     _require(cfg.queue.max_size >= 0, "queue.max_size", cfg.queue.max_size, ">= 0")
     _require(cfg.queue.max_wait_s > 0, "queue.max_wait_s", cfg.queue.max_wait_s, "> 0")
+    _require(cfg.drain_timeout_s >= 0, "drain_timeout_s", cfg.drain_timeout_s, ">= 0 seconds")
     _require(cfg.health.failure_threshold >= 1, "health.failure_threshold", cfg.health.failure_threshold, ">= 1")
