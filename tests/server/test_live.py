@@ -302,3 +302,12 @@ def test_echo_logit_bias_and_penalties_reach_the_sampler(client, tiny_server):
                                           logprobs=0).choices[0].logprobs.tokens
     assert len(set(plain)) < 12
     assert len(penalised) == 12 and len(set(penalised)) > len(set(plain))
+
+
+def test_dashboard_mounted(tiny_server, client):
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    page = httpx.get(tiny_server.url + "/dashboard")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    stats = httpx.get(tiny_server.url + "/dashboard/stats").json()
+    assert stats["extra"]["model"] == MODEL and stats["extra"]["ready"] is True
+    assert stats["extra"]["num_blocks_free"] == stats["extra"]["num_blocks_total"] > 0

@@ -136,7 +136,17 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             body["core_pid"] = state.engine.model_info.extra.get("pid")
         return JSONResponse(body)
 
-    app.include_router(dashboard_router(registry))
+    def dashboard_extra() -> dict[str, Any]:
+        # Refresh the lazily updated engine gauges so the page sees current values.
+        stats = refresh_engine_metrics(state)
+        info = state.engine.model_info if state.engine is not None else None
+        return {"model": state.model_name, "ready": state.engine is not None and not state.engine.errored,
+                "in_flight_seqs": state.in_flight_seqs,
+                "kv_capacity_tokens": info.kv_capacity_tokens if info is not None else None,
+                "num_blocks_free": stats.num_blocks_free if stats is not None else None,
+                "num_blocks_total": stats.num_blocks_total if stats is not None else None}
+
+    app.include_router(dashboard_router(registry, extra=dashboard_extra))
     return app
 
 
