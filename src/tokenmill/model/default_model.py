@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenmill.model.cache_dir import cache_root
 
 _SUBDIR = "default-model"
+# The name the default model is served under (/v1/models, the `model` field).
+DEFAULT_MODEL_NAME = "gemma-3-270m"
 
 
 def default_model_path() -> str:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import tokenmill
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.dashboard.router import dashboard_router
+from tokenmill.model.default_model import DEFAULT_MODEL_NAME
 from tokenmill.server.errors import APIError, engine_dead, error_body, install_error_handlers, unavailable
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.serving_chat import create_chat_completion
@@ -45,7 +46,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                engine_factory: EngineFactory = start_multiprocess_engine,
                chat_template: str | None = None) -> FastAPI:
     registry = CollectorRegistry()
-    names = [engine_config.model.served_model_name or engine_config.model.model or "default"]
+    names = [engine_config.model.served_model_name or engine_config.model.model or DEFAULT_MODEL_NAME]
     state = ServerState(engine_config=engine_config, server_config=server_config, served_model_names=names,
                         registry=registry, metrics=ServerMetrics(registry, names[0]), chat_template=chat_template,
                         created=int(time.time()))
