@@ -96,8 +96,12 @@ async def run_benchmark(cfg: RunConfig, requests: list[SampleRequest], tokenizer
         payloads = [build_payload(cfg.endpoint, model, r, cfg.ignore_eos) for r in requests]
         if cfg.num_warmups:
             # Warm-up uses the first prompt (as vLLM does); its results are discarded.
-            warm = await asyncio.gather(*[send_request(client, url, payloads[0], requests[0].prompt_len, headers)
-                                          for _ in range(cfg.num_warmups)])
+            warm_ups = asyncio.gather(*[send_request(client, url, payloads[0], requests[0].prompt_len, headers)
+                                        for _ in range(cfg.num_warmups)])
+            try:  # the time bound covers the warm-up too
+                warm = await asyncio.wait_for(warm_ups, timeout=cfg.max_duration_s)
+            except TimeoutError:
+                raise RuntimeError(f"warm-up did not finish within --max-duration {cfg.max_duration_s}s") from None
             if not any(w.success for w in warm):
                 raise RuntimeError(f"warm-up request to {url} failed: {warm[0].error}")
         results, duration = await _timed_run(cfg, client, url, payloads, requests, headers, console)
