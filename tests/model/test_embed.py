@@ -37,7 +37,7 @@ def _reference(minilm_dir, sentences: list[str]) -> torch.Tensor:
 
 def test_matches_sentence_transformers_recipe(embed_llm, minilm_dir):
     assert embed_llm.loaded.task == "embed" and embed_llm.engine is None
-    got = torch.tensor(embed_llm.embed(SENTENCES))
+    got = torch.tensor([o.outputs.embedding for o in embed_llm.embed(SENTENCES)])
     assert got.shape == (len(SENTENCES), 384)
     torch.testing.assert_close(got, _reference(minilm_dir, SENTENCES), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5, rtol=0)
@@ -48,17 +48,17 @@ def test_matches_sentence_transformers_recipe(embed_llm, minilm_dir):
 def test_batching_and_order_do_not_change_vectors(embed_llm):
     """Length-sorted, padded batches: each vector equals the one computed alone."""
     many = [s + " " + "word " * (i % 11) for i, s in enumerate(SENTENCES * 6)]
-    together = torch.tensor(embed_llm.embed(many))
+    together = torch.tensor([o.outputs.embedding for o in embed_llm.embed(many)])
     for i in (0, 7, 20, 41):
-        alone = torch.tensor(embed_llm.embed([many[i]])[0])
+        alone = torch.tensor(embed_llm.embed([many[i]])[0].outputs.embedding)
         torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=0)
 
 
 def test_token_id_prompts_and_errors(embed_llm):
     tok = embed_llm.get_tokenizer()
     ids = tok(SENTENCES[0]).input_ids
-    torch.testing.assert_close(torch.tensor(embed_llm.embed([{"prompt_token_ids": ids}])[0]),
-                               torch.tensor(embed_llm.embed([SENTENCES[0]])[0]), atol=0, rtol=0)
+    torch.testing.assert_close(torch.tensor(embed_llm.embed([{"prompt_token_ids": ids}])[0].outputs.embedding),
+                               torch.tensor(embed_llm.embed([SENTENCES[0]])[0].outputs.embedding), atol=0, rtol=0)
     with pytest.raises(ValueError, match="exceeds the model's maximum of 512"):
         embed_llm.embed([{"prompt_token_ids": [101] + [1000] * 600}])
     with pytest.raises(ValueError, match="task"):

@@ -10,7 +10,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.args import engine_config, normalize_prompt
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import RequestState
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.sampling_params import SamplingParams
 
@@ -95,12 +95,14 @@ class LLM:
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def embed(self, prompts: Any, use_tqdm: bool = True, **_: Any) -> list[list[float]]:
-        """Sentence embeddings (task="embed" models): one vector per prompt."""
+    def embed(self, prompts: Any, use_tqdm: bool = True, **_: Any) -> list[EmbeddingRequestOutput]:
+        """Sentence embeddings (task="embed" models), vLLM-shaped: `outputs[i].outputs.embedding`."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         ids = [normalize_prompt(p, self.loaded.tokenizer)[1] for p in prompts]
-        return self.runner.embed(ids)
+        vectors = self.runner.embed(ids)
+        return [EmbeddingRequestOutput(str(next(self._ids)), prompt_ids, EmbeddingOutput(vec))
+                for prompt_ids, vec in zip(ids, vectors)]
 
     def all_blocks_free(self) -> bool:
         return self.engine is None or self.engine.all_blocks_free()
