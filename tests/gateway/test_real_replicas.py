@@ -158,7 +158,9 @@ def test_kill_a_real_replica_under_load_then_it_is_readmitted(replicas, gateways
 
 
 def test_queue_full_429_priorities_first_nothing_lost(replicas, gateways):
-    url = replicas.fast[1].url
+    # The slow replica and a long blocker (within --max-model-len 256): on a quiet machine a 32-token
+    # tiny-model request ends before the queue has been filled, and the test would race the blocker.
+    url = replicas.slow.url
     gw = start_gateway(GatewayConfig(pools=(pool("p", [url], max_concurrency=1),), health=FAST_HEALTH,
                                      queue=QueueConfig(max_size=4, max_wait_s=120, retry_after_s=3)))
     gateways.append(gw)
@@ -166,7 +168,7 @@ def test_queue_full_429_priorities_first_nothing_lost(replicas, gateways):
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url=gw.url, timeout=120) as cl:
-            blocker = asyncio.create_task(post(cl, "/v1/completions", comp(32)))
+            blocker = asyncio.create_task(post(cl, "/v1/completions", comp(200)))
             await asyncio.to_thread(wait_until, lambda: p.outstanding() == 1, 10, "blocker admitted")
             queued = {}
             for prio in (5, 0, -3, 1):  # lower value first; the header carries it
