@@ -114,8 +114,8 @@ class MPCoreClient:
         self._closed = True
         proc = self._proc
         if proc is not None and proc.is_alive():
-            try:
-                await self._to_core.send(pack(["shutdown"]))
+            try:  # NOBLOCK: a core that already closed its socket leaves PUSH with no peer, and send would block forever
+                await self._to_core.send(pack(["shutdown"]), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             for step in ("wait", "kill"):  # the core ignores SIGTERM (see core_proc.run_core)
