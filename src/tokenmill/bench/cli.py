@@ -38,6 +38,16 @@ def result_path(result: dict[str, Any], result_filename: str | None, result_dir:
     return Path(result_dir or ".") / name
 
 
+# Keys of vLLM's result file that tokenmill's own `--json` leaves out: `--save-result` writes vLLM's full key
+# set (so scripts reading vLLM's files read ours); `--json` keeps tokenmill's schema, pinned by the live test,
+# where `label` appears only when given.
+_VLLM_FILE_ONLY = ("endpoint_type", "queue_times", "rtfx")
+
+
+def tokenmill_json(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in _VLLM_FILE_ONLY and not (k == "label" and v is None)}
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_replace_inf(data), indent=2, default=str))
@@ -113,16 +123,14 @@ def serve(
         return
     # Run metadata under the names vLLM's --save-result uses.
     result.update(dataset_name=dataset_name, date=datetime.now().strftime("%Y%m%d-%H%M%S"),
-                  tokenizer_id=tokenizer or model)
-    if label:
-        result["label"] = label
+                  tokenizer_id=tokenizer or model, label=label)
     print_result(result, console)
     if save_result or result_filename:
         path = result_path(result, result_filename, result_dir)
         write_json(path, result)
         console.print(f"saved {path}")
     if json_out:
-        write_json(json_out, result)
+        write_json(json_out, tokenmill_json(result))
     if plot:
         from tokenmill.bench.plot import plot_results
 

@@ -28,6 +28,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     latency: float = 0.0
     start_time: float = 0.0
+    queue_time: float = 0.0  # time waiting for a --max-concurrency slot before sending (vLLM's queue_times)
     error: str = ""
 
 

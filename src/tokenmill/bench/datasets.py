@@ -1,8 +1,10 @@
 """Benchmark workloads: `random` (exact token lengths), `custom` (JSONL prompts), `sharegpt` (conversations).
 
 Mirrors `vllm bench serve`'s dataset semantics so the same flags give the same workload shape:
-random lengths are drawn uniformly from [len*(1-ratio), len*(1+ratio)], and every prompt is re-tokenized
-until it encodes to exactly its target length with the real tokenizer.
+`--random-input-len` counts the tokens the server sees, so the special tokens the tokenizer adds (a BOS)
+are taken off the text's length first (as vLLM does; 128 gives 127 text tokens + BOS with Gemma); random
+lengths are drawn uniformly from [len*(1-ratio), len*(1+ratio)] of that text length, and every prompt is
+re-tokenized until it encodes to exactly its target length with the real tokenizer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ DATASET_NAMES = ("random", "custom", "sharegpt")
 
 @dataclass(slots=True)
 class SampleRequest:
-    """One request of a workload. `prompt_len` counts prompt tokens as the benchmark tokenizer sees them."""
+    """One request of a workload. `prompt_len` counts prompt tokens as the benchmark tokenizer sees them
+    (without the special tokens the server adds; the server's usage report replaces it when it sends one)."""
 
     prompt: str
     prompt_len: int
@@ -117,7 +120,12 @@ def sample_random(tokenizer: Any, num_prompts: int, input_len: int, output_len: 
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     rng = np.random.default_rng(seed)
-    in_low, in_high = _length_bounds(input_len, range_ratio, "--random-input-len")
+    # Like vLLM: the special tokens the server adds to every prompt (BOS) count towards --random-input-len.
+    num_special = int(getattr(tokenizer, "num_special_tokens_to_add", lambda: 0)())
+    if input_len - num_special < 1:
+        raise ValueError(f"--random-input-len must be > {num_special} (the tokenizer adds {num_special} "
+                         f"special tokens), got {input_len}")
+    in_low, in_high = _length_bounds(input_len - num_special, range_ratio, "--random-input-len")
     out_low, out_high = _length_bounds(output_len, range_ratio, "--random-output-len")
     input_lens = rng.integers(in_low, in_high + 1, size=num_prompts)
     output_lens = rng.integers(out_low, out_high + 1, size=num_prompts)

@@ -7,7 +7,14 @@ Definitions follow vLLM so the numbers agree on the same workload:
 - ITL = every gap between consecutive token-carrying chunks, pooled over requests;
 - throughputs divide by the wall-clock duration of the whole run; goodput counts completed requests
   meeting every SLO given (a 1-token request's TPOT counts as 0 for goodput);
-- mean/median/std/percentiles are numpy's (linear interpolation, population std), in milliseconds.
+- mean/median/std/percentiles are numpy's (linear interpolation, population std), in milliseconds;
+- client_queue_time = time a request waited for a --max-concurrency slot before it was sent (vLLM's
+  `queue_times`), e2el_including_client_queue = E2E + that wait; both only when asked for in
+  --percentile-metrics, as in vLLM.
+
+One definition differs on purpose: `max_concurrent_requests` is the exact peak number of requests in flight
+at once; vLLM counts, per one-second bucket, every request active at any time in that second, which can
+exceed --max-concurrency when requests end and start within the same second.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 
 from tokenmill.bench.client import RequestResult
 
-METRIC_NAMES = ("ttft", "tpot", "itl", "e2el")
+METRIC_NAMES = ("ttft", "tpot", "itl", "e2el", "client_queue_time", "e2el_including_client_queue")
 GOODPUT_NAMES = ("ttft", "tpot", "e2el")
 
 
@@ -122,7 +129,7 @@ def calculate_result(results: list[RequestResult], duration_s: float, tokenizer:
                      percentile_metrics: list[str], percentiles: list[float],
                      goodput: dict[str, float]) -> dict[str, Any]:
     """The result dict, with the same keys `vllm bench serve --save-result` writes."""
-    output_lens, ttfts, tpots, all_tpots, itls, e2els = [], [], [], [], [], []
+    output_lens, ttfts, tpots, all_tpots, itls, e2els, queues = [], [], [], [], [], [], []
     completed = total_input = 0
     for r in results:
         if not r.success:
@@ -139,6 +146,7 @@ def calculate_result(results: list[RequestResult], duration_s: float, tokenizer:
         itls.extend(r.itl)
         ttfts.append(r.ttft)
         e2els.append(r.latency)
+        queues.append(r.queue_time)
         completed += 1
     good = 0
     if goodput:
@@ -169,8 +177,12 @@ def calculate_result(results: list[RequestResult], duration_s: float, tokenizer:
         "start_times": [r.start_time for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
+        # vLLM's keys beyond the figures above: per-request client queue time, and rtfx (audio only, 0 here).
+        "queue_times": [r.queue_time for r in results],
+        "rtfx": 0.0,
     }
-    samples = {"ttft": ttfts, "tpot": tpots, "itl": itls, "e2el": e2els}
+    samples = {"ttft": ttfts, "tpot": tpots, "itl": itls, "e2el": e2els, "client_queue_time": queues,
+               "e2el_including_client_queue": [e + q for e, q in zip(e2els, queues)]}
     for name in percentile_metrics:
         for stat, value in _stats(samples[name], percentiles).items():
             result[f"{stat}_{name}_ms"] = value

@@ -21,7 +21,8 @@ _HEADLINE = [
     ("max_output_tokens_per_s", "Peak output token throughput (tok/s)", "{:.2f}"),
     ("total_token_throughput", "Total token throughput (tok/s)", "{:.2f}"),
 ]
-_UPPER = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
+_UPPER = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL", "client_queue_time": "Client Queue Time",
+          "e2el_including_client_queue": "E2EL incl. Client Queue"}
 # Higher is better for throughputs; for latencies lower is better. Ratios are shown as other / first.
 _HIGHER_BETTER = {"completed", "request_throughput", "request_goodput", "output_throughput",
                   "total_token_throughput", "max_output_tokens_per_s"}

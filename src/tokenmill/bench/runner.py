@@ -108,6 +108,7 @@ async def run_benchmark(cfg: RunConfig, requests: list[SampleRequest], tokenizer
     out = calculate_result(results, duration, tokenizer, cfg.percentile_metrics, cfg.percentiles, cfg.goodput)
     out.update({
         "backend": "openai-chat" if "chat" in cfg.endpoint else "openai",
+        "endpoint_type": "openai-chat" if "chat" in cfg.endpoint else "openai",  # vLLM keeps both names
         "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model_id": model,
         "num_prompts": len(requests), "request_rate": cfg.request_rate, "burstiness": cfg.burstiness,
         "max_concurrency": cfg.max_concurrency,
@@ -130,8 +131,11 @@ async def _timed_run(cfg: RunConfig, client: httpx.AsyncClient, url: str, payloa
 
         async def one(i: int) -> RequestResult:
             nonlocal done_tokens
+            arrival = time.perf_counter()
             async with semaphore:
                 result = await send_request(client, url, payloads[i], requests[i].prompt_len, headers)
+            # start_time stays the send time (throughput and timelines use it); the slot wait is kept apart.
+            result.queue_time = max(0.0, result.start_time - arrival) if result.start_time else 0.0
             done_tokens += result.output_tokens or result.num_chunks
             elapsed = time.perf_counter() - start
             progress.update(bar, advance=1, tok_s=f"{done_tokens / max(elapsed, 1e-9):.1f} tok/s")
