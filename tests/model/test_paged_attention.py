@@ -81,3 +81,4 @@ def test_slot_mapping_follows_block_tables():
     # seq 0: positions 2,3 in block 7 and 4 in block 3; seq 1: position 5 in block 9
     assert meta.slot_mapping.tolist() == [7 * 4 + 2, 7 * 4 + 3, 3 * 4 + 0, 9 * 4 + 1]
     assert meta.seq_lens == [5, 6]
+

@@ -14,6 +14,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SampledToken, SchedulerOutput, ScheduledSeq
+from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
 from tokenmill.layers.sampler import Sampler, SeqSamplingState
@@ -37,7 +38,10 @@ class ModelRunner:
         self.dtype = self.loaded.dtype
         self.block_size = config.cache.block_size
         self.attn_backend = attn_backend
-        self.sampler = Sampler(self.loaded.vocab_size, self.device)
+        self.cpu_kernels = None
+        if attn_backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32:
+            self.cpu_kernels = load_cpu_kernels()  # None (PyTorch paths) when no compiler is available
+        self.sampler = Sampler(self.loaded.vocab_size, self.device, self.cpu_kernels)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.model.seed)
         self.states: dict[str, SeqSamplingState] = {}
@@ -170,7 +174,7 @@ class ModelRunner:
                                     g.sliding_window, self.device)
             for gi, g in enumerate(self.kv_cache_groups)
         ]
-        ctx = ForwardContext(metadata, self.layer_to_group, self.kv_caches, self.attn_backend)
+        ctx = ForwardContext(metadata, self.layer_to_group, self.kv_caches, self.attn_backend, self.cpu_kernels)
         dev = self.device
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev))

@@ -32,6 +32,11 @@ class FastPlan:
     decode_blocks: torch.Tensor | None  # [B, nb] block ids (padding and out-of-window entries masked)
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] additive float mask
     decode_is_all: bool  # every token of the step is a decode, in order: skip the scatter
+    # For the native decode kernel: blocks[b, 0] starts at position decode_first_pos[b]; sequence b sees
+    # positions decode_lo[b] <= p < decode_ctx[b]. Host int64 tensors [B] (None without decodes).
+    decode_first_pos: torch.Tensor | None = None
+    decode_lo: torch.Tensor | None = None
+    decode_ctx: torch.Tensor | None = None
     prefills: list[PrefillPlan] = field(default_factory=list)  # chunks that read earlier context
     # Chunks starting at position 0 (no window cut), grouped by length: one batched causal SDPA per group
     # (one call per sequence is several times slower on CPU). Each entry: (first token indices [S], n).
@@ -130,7 +135,7 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
         contiguous = all(b - a == n for a, b in zip(starts, starts[1:]))
         groups.append((starts, torch.tensor(starts, dtype=torch.long).to(device), n, contiguous))
     if not decodes:
-        return FastPlan(None, None, None, False, prefills, groups)
+        return FastPlan(None, None, None, False, prefills=prefills, fresh_groups=groups)
     rows = torch.tensor(decodes)
     ctx = torch.tensor([m.seq_lens[s] for s in decodes], dtype=torch.long)
     lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
@@ -144,4 +149,5 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     mask = torch.where(visible, zero, neg_inf)[:, None, None, :]
     token_idx = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
     is_all = len(decodes) == len(m.seq_lens) and m.query_start_loc[-1] == len(decodes)
-    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, prefills, groups)
+    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, first_block * bs, lo, ctx,
+                    prefills=prefills, fresh_groups=groups)

@@ -1,8 +1,9 @@
 """Fast paged attention in PyTorch: batched decodes, one SDPA per prefill chunk.
 
-Decodes (sequences with one query token) gather their K/V whole blocks at a time into a padded
-[B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call over strided views (no transpose
-copies; GQA handled by SDPA). A prefill chunk that starts at position 0 attends to its own fresh
+Decodes (sequences with one query token) run the native CPU kernel when it is loaded (float32 on CPU: it
+reads each visible K/V slot once, straight from the cache blocks); otherwise they gather their K/V whole
+blocks at a time into a padded [B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call
+over strided views (no transpose copies; GQA handled by SDPA). A prefill chunk that starts at position 0 attends to its own fresh
 K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit mask.
 Checked against kernels/reference.py.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.kernels.metadata import AttentionMetadata
 
 
@@ -23,6 +25,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    cpu_kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
     plan = meta.plan(q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -32,14 +35,11 @@ def paged_attention(
     dec_out = None
     if plan.decode_token_idx is not None:
         qd = q if plan.decode_is_all else q.index_select(0, plan.decode_token_idx)
-        bsz = qd.shape[0]
-        keys = _gather_blocks(k_cache, plan.decode_blocks).view(bsz, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
-        vals = _gather_blocks(v_cache, plan.decode_blocks).view(bsz, -1, num_kv_heads, head_dim)
-        # SDPA reads the strided [B, Hkv, L, D] views directly (no transpose copies) and handles GQA.
-        dec_out = F.scaled_dot_product_attention(
-            qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=plan.decode_mask,
-            scale=scale, enable_gqa=group > 1,
-        ).view(bsz, num_heads, head_dim)
+        if cpu_kernels is not None and _native_ok(qd, k_cache):
+            dec_out = cpu_kernels.decode_attention(qd.contiguous(), k_cache, v_cache, plan.decode_blocks,
+                                                   plan.decode_first_pos, plan.decode_lo, plan.decode_ctx, scale)
+        else:
+            dec_out = _decode_sdpa(qd, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
         if plan.decode_is_all:
             return dec_out
 
@@ -71,6 +71,24 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=group > 1)
         out[p.q_lo : p.q_hi] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _native_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+
+
+def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                 mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decodes in PyTorch: gather whole blocks into a padded [B, L, Hkv, D] batch, one masked SDPA."""
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = _gather_blocks(k_cache, blocks).view(bsz, -1, num_kv_heads, head_dim)
+    vals = _gather_blocks(v_cache, blocks).view(bsz, -1, num_kv_heads, head_dim)
+    # SDPA reads the strided [B, Hkv, L, D] views directly (no transpose copies) and handles GQA.
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=num_heads > num_kv_heads,
+    ).view(bsz, num_heads, head_dim)
 
 
 def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:

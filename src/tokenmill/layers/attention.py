@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.kernels.paged_attention import paged_attention
 from tokenmill.kernels.reference import paged_attention_reference, write_kv
@@ -31,6 +32,7 @@ class ForwardContext:
     layer_to_group: list[int]
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     backend: str = "fast"
+    cpu_kernels: CpuKernels | None = None  # native decode attention (CPU, float32), when built
 
 
 class Attention(nn.Module):
@@ -60,5 +62,5 @@ class Attention(nn.Module):
         if ctx.backend == "reference":
             out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         else:
-            out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ctx.cpu_kernels)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -41,9 +42,15 @@ def _needs_penalties(p: SamplingParams) -> bool:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, cpu_kernels: CpuKernels | None = None):
         self.vocab_size = vocab_size
         self.device = device
+        self.cpu_kernels = cpu_kernels  # native argmax over wide rows (several times torch's on CPU)
+
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1:
+            return self.cpu_kernels.argmax_rows(x)
+        return x.argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None = None) -> list[SampledRow]:
         """logits [B, V] float32 (rows in `states` order; modified in place). One host sync."""
@@ -58,10 +65,10 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if len(greedy) == num_rows:
-            tokens = logits.argmax(dim=-1)
+            tokens = self._argmax(logits)
         elif greedy:
             idx = torch.tensor(greedy, device=logits.device)
-            tokens[idx] = logits[idx].argmax(dim=-1)
+            tokens[idx] = self._argmax(logits[idx])
         if rand:
             idx = torch.tensor(rand, device=logits.device)
             x = logits if len(rand) == num_rows else logits[idx]
@@ -160,7 +167,7 @@ class Sampler:
         if unseeded:
             block = torch.empty((len(unseeded), probs.shape[1]), device=dev, dtype=probs.dtype).exponential_(generator=generator)
             noise[torch.tensor(unseeded, device=dev)] = block
-        return (probs / noise).argmax(dim=-1)
+        return self._argmax(probs.div_(noise))
 
 
 def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

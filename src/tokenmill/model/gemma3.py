@@ -130,20 +130,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.lm_head = None
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
-    def post_load(self) -> None:
-        super().post_load()  # on CPU: lm_head_weight = a column-major copy of the tied embeddings
-        if getattr(self, "lm_head_weight", None) is not None:
-            # Keep ONE copy (670 MB for Gemma's 262k x 640 in fp32): the lookup reads rows of the
-            # column-major tensor too. Same values; a strided gather costs ~1% of a prefill step, while
-            # the LM head matmul, 62% of decode FLOPs, runs markedly faster column-major (measured in
-            # benchmarks/default_model_throughput.py's notes).
-            self.model.embed_tokens.weight = nn.Parameter(self.lm_head_weight, requires_grad=False)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = getattr(self, "lm_head_weight", None)
-        if weight is None:
-            weight = self.model.embed_tokens.weight
-        logits = torch.nn.functional.linear(hidden, weight).float()
+        logits = super().compute_logits(hidden)  # the tied head, packed for oneDNN on CPU in float32
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.layers.linear import relayout_linears_for_cpu
+from tokenmill.layers.linear import prepare_linears_for_cpu
 from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
 from tokenmill.model.registry import resolve_architecture
 
@@ -130,9 +130,9 @@ def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device
 
 
 def finalize_model(model: torch.nn.Module) -> torch.nn.Module:
-    """After weights are in: CPU-friendly linear layout, then the model's own post_load hook (e.g. an LM head
+    """After weights are in: CPU-friendly linear layouts (oneDNN-packed in float32), then the model's own post_load hook (e.g. an LM head
     copy for tied embeddings). The GGUF loader calls this too."""
-    relayout_linears_for_cpu(model)
+    prepare_linears_for_cpu(model)
     if hasattr(model, "post_load"):
         model.post_load()
     return model.eval()

@@ -1,0 +1,127 @@
+"""Native CPU kernels (csrc/cpu_kernels.cpp), built on first use with the system C++ compiler.
+
+The library has no torch headers, so it compiles in about a second; it is cached under the tokenmill cache
+dir keyed by the source, compiler, flags and CPU, and loaded with ctypes (ctypes releases the GIL during
+the call). It links OpenMP like torch does, so on Linux both share torch's already-loaded libgomp runtime.
+When no compiler is found or the build fails, `load_cpu_kernels()` returns None with the reason logged and
+callers keep the plain-PyTorch path. Set TOKENMILL_CPU_KERNELS=0 to disable them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TOKENMILL_CPU_KERNELS"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
+_ABI_VERSION = 1
+_i64, _f32p, _i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+
+
+class CpuKernels:
+    """Typed wrappers over the loaded library; every tensor argument is checked before its pointer is used."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        self._decode = lib.decode_attention_f32
+        self._decode.restype = None
+        self._decode.argtypes = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p,
+                                 _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
+        self._argmax = lib.argmax_rows_f32
+        self._argmax.restype = None
+        self._argmax.argtypes = [_f32p, _i64, _i64, _i64, _i64p, ctypes.c_int]
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(x, dim=-1) for a 2-D float32 CPU tensor with contiguous rows (same ties, same NaNs)."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1 or x.shape[1] == 0:
+            raise ValueError("argmax_rows: x must be a non-empty 2-D CPU float32 tensor with contiguous rows")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(_ptr(x, _f32p), x.shape[0], x.shape[1], x.stride(0), _ptr(out, _i64p), torch.get_num_threads())
+        return out
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         blocks: torch.Tensor, first_pos: torch.Tensor, lo: torch.Tensor, ctx: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """q [B, Hq, D] -> [B, Hq, D]; sequence b attends to positions lo[b] <= p < ctx[b], found in
+        blocks[b, (p - first_pos[b]) // block_size] of the [N, block_size, Hkv, D] caches."""
+        bsz, num_heads, head_dim = q.shape
+        num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
+        if cache_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
+            raise ValueError(f"decode_attention: shapes q {tuple(q.shape)} / cache {tuple(k_cache.shape)} disagree")
+        for name, t, dtype in (("q", q, torch.float32), ("k_cache", k_cache, torch.float32),
+                               ("v_cache", v_cache, torch.float32), ("blocks", blocks, torch.int64),
+                               ("first_pos", first_pos, torch.int64), ("lo", lo, torch.int64), ("ctx", ctx, torch.int64)):
+            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"decode_attention: {name} must be a contiguous CPU {dtype} tensor")
+        if blocks.dim() != 2 or blocks.shape[0] != bsz or not (first_pos.numel() == lo.numel() == ctx.numel() == bsz):
+            raise ValueError("decode_attention: blocks must be [B, nb] and first_pos/lo/ctx [B]")
+        out = torch.empty_like(q)
+        self._decode(_ptr(q, _f32p), _ptr(k_cache, _f32p), _ptr(v_cache, _f32p), _ptr(blocks, _i64p),
+                     blocks.shape[1], _ptr(first_pos, _i64p), _ptr(lo, _i64p), _ptr(ctx, _i64p),
+                     bsz, num_heads, num_kv_heads, head_dim, block_size, scale, _ptr(out, _f32p),
+                     torch.get_num_threads())
+        return out
+
+
+def _ptr(t: torch.Tensor, kind):
+    return ctypes.cast(t.data_ptr(), kind)
+
+
+def load_cpu_kernels() -> CpuKernels | None:
+    """Build (once per machine) and load the native kernels; None when disabled or unavailable."""
+    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        logger.info("native CPU kernels disabled: no C++ compiler (g++/c++/clang++) found; using PyTorch paths")
+        return None
+    from tokenmill.model.cache_dir import get_or_build
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"|".join([source, compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
+                                    _cpu_signature().encode()])).hexdigest()
+
+    def build(tmp: Path) -> None:
+        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp / "libtokenmill_cpu.so")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+
+    try:
+        path = get_or_build("kernels", key, build) / "libtokenmill_cpu.so"
+        lib = ctypes.CDLL(str(path))
+        if lib.tokenmill_kernels_abi_version() != _ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI version mismatch")
+        return CpuKernels(lib, path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("native CPU kernels unavailable (%s); using PyTorch paths", exc)
+        return None
+
+
+def _compiler_version(compiler: str) -> bytes:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return b""
+
+
+def _cpu_signature() -> str:
+    """-march=native output is only valid on the same kind of CPU: key the cache on its feature flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

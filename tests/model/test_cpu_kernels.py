@@ -1,0 +1,74 @@
+"""Native CPU kernels (kernels/csrc/cpu_kernels.cpp) against their plain-PyTorch oracles."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.model.test_paged_attention import MIXES, _case
+from tokenmill.kernels.cpu_kernels import load_cpu_kernels
+from tokenmill.kernels.paged_attention import paged_attention
+from tokenmill.kernels.reference import paged_attention_reference
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: the native CPU kernels cannot be built here")
+    kernels = load_cpu_kernels()
+    assert kernels is not None, "a C++ compiler is present but the native CPU kernels failed to build"
+    return kernels
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 5])
+@pytest.mark.parametrize("window", [None, 4, 11])
+@pytest.mark.parametrize("mix", range(len(MIXES)))
+@pytest.mark.parametrize("heads", [(4, 2, 8), (4, 1, 32), (3, 3, 16)])
+def test_native_decode_matches_reference(cpu_kernels, block_size, window, mix, heads):
+    """The native decode kernel inside the fast path (mixed batches: decodes go native, prefills to SDPA)."""
+    num_heads, kv_heads, dim = heads
+    q, k, v, kc, vc, meta = _case(block_size, window, MIXES[mix], heads=num_heads, kv_heads=kv_heads, dim=dim, seed=mix)
+    scale = dim**-0.5
+    want = paged_attention_reference(q, kc, vc, meta, scale, window)
+    got = paged_attention(q, k, v, kc, vc, meta, scale, cpu_kernels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_native_decode_rejects_bad_inputs(cpu_kernels):
+    q = torch.randn(2, 4, 8)
+    kc = torch.randn(3, 4, 2, 8)
+    blocks = torch.tensor([[1], [2]])
+    pos = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="q must be a contiguous CPU torch.float32"):
+        cpu_kernels.decode_attention(q.double(), kc, kc, blocks, pos, pos, pos + 1, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernels.decode_attention(torch.randn(2, 4, 16), kc, kc, blocks, pos, pos, pos + 1, 1.0)
+    with pytest.raises(ValueError, match="blocks must be"):
+        cpu_kernels.decode_attention(q, kc, kc, blocks[:1], pos, pos, pos + 1, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1000), (2, 262_145), (4, 512), (1, 513)])
+def test_native_argmax_matches_torch(cpu_kernels, shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=g)
+    torch.testing.assert_close(cpu_kernels.argmax_rows(x), x.argmax(-1), rtol=0, atol=0)
+    # strided rows (a row subset of a wider buffer) and a maximum at the very end
+    wide = torch.randn(shape[0], shape[1] + 3, generator=g)
+    wide[:, shape[1] - 1] = 50.0
+    view = wide[:, : shape[1]]
+    assert cpu_kernels.argmax_rows(view).tolist() == view.argmax(-1).tolist()
+
+
+def test_native_argmax_ties_infinities_and_nans(cpu_kernels):
+    x = torch.zeros(5, 3000)
+    x[0, 1000] = x[0, 2000] = 1.0  # ties: the first index wins
+    x[1] = float("-inf")  # all -inf: index 0
+    x[2, 5] = float("inf")
+    x[3, 700] = x[3, 1500] = float("nan")  # NaN counts as the maximum: the first NaN
+    x[4, 2999] = float("inf")
+    x[4, 10] = float("nan")
+    assert cpu_kernels.argmax_rows(x).tolist() == x.argmax(-1).tolist() == [1000, 0, 5, 700, 10]
+    with pytest.raises(ValueError, match="argmax_rows"):
+        cpu_kernels.argmax_rows(x.double())
