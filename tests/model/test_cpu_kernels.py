@@ -72,3 +72,45 @@ def test_native_argmax_ties_infinities_and_nans(cpu_kernels):
     assert cpu_kernels.argmax_rows(x).tolist() == x.argmax(-1).tolist() == [1000, 0, 5, 700, 10]
     with pytest.raises(ValueError, match="argmax_rows"):
         cpu_kernels.argmax_rows(x.double())
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 640), (3, 4, 256), (7, 13)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_native_rms_norm_matches_the_torch_formula(cpu_kernels, shape, offset):
+    from tokenmill.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(len(shape))
+    norm = RMSNorm(shape[-1], 1e-6, weight_offset=offset, gemma_style=bool(offset))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.1)
+    x = torch.randn(*shape, generator=g) * 3
+    want = norm(x)
+    norm.use_cpu_kernels(cpu_kernels)
+    got = norm(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    # a strided input (q of a fused qkv projection) gives the same result
+    wide = torch.randn(*shape[:-1], shape[-1] * 2, generator=g)
+    torch.testing.assert_close(norm(wide[..., : shape[-1]]), norm(wide[..., : shape[-1]].contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (4, 22), (64, 4096), (3, 2 * 1000)])
+def test_native_gelu_tanh_and_mul_matches_torch(cpu_kernels, shape):
+    from tokenmill.layers.activation import GeluTanhAndMul
+
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=g) * 4
+    x[0, 0] = -30.0  # far tails: exp over/underflow must not produce NaN
+    if shape[1] > 2:
+        x[0, 1] = 30.0
+    act = GeluTanhAndMul()
+    want = act(x)
+    act.use_cpu_kernels(cpu_kernels)
+    got = act(x)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a wide-range sweep of the activation itself
+    gate = torch.linspace(-12, 12, 4097)
+    xs = torch.cat([gate, torch.ones_like(gate)])[None]
+    torch.testing.assert_close(cpu_kernels.gelu_tanh_and_mul(xs)[0], torch.nn.functional.gelu(gate, approximate="tanh"),
+                               rtol=1e-5, atol=2e-6)

@@ -41,6 +41,10 @@ class ModelRunner:
         self.cpu_kernels = None
         if attn_backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32:
             self.cpu_kernels = load_cpu_kernels()  # None (PyTorch paths) when no compiler is available
+        if self.cpu_kernels is not None:
+            for module in self.model.modules():  # norms and gated activations with a native fast path
+                if hasattr(module, "use_cpu_kernels"):
+                    module.use_cpu_kernels(self.cpu_kernels)
         self.sampler = Sampler(self.loaded.vocab_size, self.device, self.cpu_kernels)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.model.seed)

@@ -41,6 +41,35 @@ class CpuKernels:
         self._argmax = lib.argmax_rows_f32
         self._argmax.restype = None
         self._argmax.argtypes = [_f32p, _i64, _i64, _i64, _i64p, ctypes.c_int]
+        self._rms_norm = lib.rms_norm_f32
+        self._rms_norm.restype = None
+        self._rms_norm.argtypes = [_f32p, _f32p, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
+        self._gelu_mul = lib.gelu_tanh_and_mul_f32
+        self._gelu_mul.restype = None
+        self._gelu_mul.argtypes = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (weight already holds any offset)."""
+        n = x.shape[-1]
+        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape != (n,) or weight.dtype != torch.float32:
+            raise ValueError(f"rms_norm: needs CPU float32 x [..., {n}] and weight [{n}]")
+        x2 = x.reshape(-1, n)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        w = weight.contiguous()
+        out = torch.empty(x2.shape, dtype=torch.float32)
+        self._rms_norm(_ptr(x2, _f32p), _ptr(w, _f32p), x2.shape[0], n, x2.stride(0), n, eps, _ptr(out, _f32p),
+                       torch.get_num_threads())
+        return out.view(x.shape)
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, 2n] = [gate | up] -> gelu(gate, approximate="tanh") * up, [T, n]."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] % 2 or x.stride(1) != 1:
+            raise ValueError("gelu_tanh_and_mul: x must be a 2-D CPU float32 [T, 2n] tensor with contiguous rows")
+        n = x.shape[1] // 2
+        out = torch.empty((x.shape[0], n), dtype=torch.float32)
+        self._gelu_mul(_ptr(x, _f32p), x.shape[0], n, x.stride(0), _ptr(out, _f32p), torch.get_num_threads())
+        return out
 
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
         """torch.argmax(x, dim=-1) for a 2-D float32 CPU tensor with contiguous rows (same ties, same NaNs)."""

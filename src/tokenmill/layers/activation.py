@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
+
 
 class SiluAndMul(nn.Module):
     """x = [gate | up] -> silu(gate) * up (Llama, Qwen)."""
@@ -18,7 +20,18 @@ class SiluAndMul(nn.Module):
 class GeluTanhAndMul(nn.Module):
     """x = [gate | up] -> gelu_tanh(gate) * up (Gemma)."""
 
+    def __init__(self):
+        super().__init__()
+        self.cpu_kernels: CpuKernels | None = None
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Float32 CPU inputs go through the native fused kernel (torch's GELU(tanh) is slow on CPU)."""
+        self.cpu_kernels = kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.cpu_kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.dim() == 2 and x.stride(1) == 1):
+            return self.cpu_kernels.gelu_tanh_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 

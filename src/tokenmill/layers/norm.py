@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * (weight + weight_offset).
@@ -21,9 +23,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight_offset = weight_offset
         self.gemma_style = gemma_style
+        self.cpu_kernels: CpuKernels | None = None
+        self.native_weight: torch.Tensor | None = None  # weight + offset, for the native kernel
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Route float32 CPU inputs through the native one-pass kernel (called once, after loading)."""
+        usable = kernels is not None and self.weight.device.type == "cpu"
+        self.cpu_kernels = kernels if usable else None
+        self.native_weight = (self.weight.detach().float() + self.weight_offset).contiguous() if usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.cpu_kernels is not None and dtype == torch.float32 and x.device.type == "cpu":
+            return self.cpu_kernels.rms_norm(x, self.native_weight, self.eps)
         if dtype == torch.float32 and not self.weight_offset:
             # Same math in one fused op (fewer passes over memory); half dtypes keep the reference rounding.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

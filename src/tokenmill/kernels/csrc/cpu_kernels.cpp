@@ -53,18 +53,48 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// exp on 8 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp on [-87, 88]).
+inline v8f exp8(v8f x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const v8f fx = x * splat(1.44269504088896341f) + splat(0.5f);
+  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero ...
+  n += (__builtin_convertvector(n, v8f) > fx);  // ... so step down where that rounded up: floor
+  const v8f nf = __builtin_convertvector(n, v8f);
+  const v8f r = x - nf * splat(0.693359375f) - nf * splat(-2.12194440e-4f);
+  v8f y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * r * r + r + splat(1.f);
+  const v8i bits = (n + 127) << 23;  // 2^n
+  return y * (v8f)bits;
+}
+
+// gelu with the tanh approximation in torch's form, 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// with tanh(u) = 1 - 2 / (exp(2u) + 1): the same cancellations as torch's kernel, so the two agree to a few
+// ulp of the largest term; torch's own GELU(tanh) CPU kernel runs several times slower than this.
+inline v8f gelu_tanh8(v8f x) {
+  const v8f u = splat(0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);
+  const v8f t = splat(1.f) - splat(2.f) / (exp8(splat(2.f) * u) + splat(1.f));
+  return splat(0.5f) * x * (splat(1.f) + t);
+}
+
+inline float gelu_tanh1(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.f + std::tanh(u));
+}
+
 // Ask for the n floats at p ahead of use: K/V slots of one sequence sit in scattered blocks, which the
 // hardware prefetcher does not follow across block boundaries.
 inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
-}
-
-// y += w * x
-inline void axpy(float* y, float w, const float* x, int64_t n) {
-  const v8f wv = {w, w, w, w, w, w, w, w};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + wv * load8(x + i));
-  for (; i < n; ++i) y[i] += w * x[i];
 }
 
 // Calls f(i, row) for positions p0 <= p < p1 of one sequence (i = p - p0), where row points at the D
@@ -88,6 +118,66 @@ inline void for_each_slot(const float* cache, const int64_t* table, int64_t firs
       }
       f(p - p0, block + t * token_stride);
     }
+  }
+}
+
+// Calls f(i, rows, n) for the runs of consecutive positions p0 <= p < p1 that share a block: rows points at
+// head offset `head` of the first slot of the run (later slots follow every token_stride floats) and i is
+// the run's first index (p - p0).
+template <typename F>
+inline void for_each_run(const float* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
+                         int64_t bs, int64_t block_stride, int64_t token_stride, int64_t head, F f) {
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t rel = p - first_pos, j = rel / bs, t = rel - j * bs;
+    const int64_t n = bs - t < p1 - p ? bs - t : p1 - p;
+    if (p + n < p1) __builtin_prefetch(cache + table[j + 1] * block_stride + head);
+    f(p - p0, cache + table[j] * block_stride + t * token_stride + head, n);
+    p += n;
+  }
+}
+
+// acc[g][:] += sum_t w[g][i0 + t] * rows[t][:] for GN heads (g stride D in acc, L in w): column tiles of 16
+// floats, the 2 * GN accumulators of a tile stay in registers across the run.
+template <int GN>
+inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, const float* rows,
+                           int64_t stride, int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {  // 16 floats: one cache line of each value row per pass
+    v8f a[GN], b[GN];
+    for (int g = 0; g < GN; ++g) {
+      a[g] = load8(acc + g * D + d);
+      b[g] = load8(acc + g * D + d + 8);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const v8f v0 = load8(rows + t * stride + d), v1 = load8(rows + t * stride + d + 8);
+      for (int g = 0; g < GN; ++g) {
+        const v8f wv = splat(w[g * L + i0 + t]);
+        a[g] += wv * v0;
+        b[g] += wv * v1;
+      }
+    }
+    for (int g = 0; g < GN; ++g) {
+      store8(acc + g * D + d, a[g]);
+      store8(acc + g * D + d + 8, b[g]);
+    }
+  }
+  for (; d < D; ++d) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int g = 0; g < GN; ++g) acc[g * D + d] += w[g * L + i0 + t] * rows[t * stride + d];
+    }
+  }
+}
+
+inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, int64_t i0, const float* rows,
+                             int64_t stride, int64_t n, int64_t D) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) accumulate_run<4>(acc + g * D, w + g * L, L, i0, rows, stride, n, D);
+  switch (G - g) {
+    case 3: accumulate_run<3>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
+    case 2: accumulate_run<2>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
+    case 1: accumulate_run<1>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
+    default: break;
   }
 }
 
@@ -137,10 +227,10 @@ void decode_attention_f32(const float* q, const float* k_cache, const float* v_c
         for (int64_t i = 0; i < L; ++i) sg[i] *= inv;
       }
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
-      for_each_slot(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
-                    [&](int64_t i, const float* v) {
-                      for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + i], v, D);
-                    });
+      for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
+                   [&](int64_t i, const float* rows, int64_t n) {
+                     accumulate_heads(acc.data(), scores.data(), L, G, i, rows, token_stride, n, D);
+                   });
       for (int64_t i = 0; i < G * D; ++i) ob[i] = acc[i];
     }
   }
@@ -179,6 +269,35 @@ void argmax_rows_f32(const float* x, int64_t rows, int64_t cols, int64_t ld, int
       for (int64_t i = best_lo; i < hi && found < 0; ++i) found = row[i] == best ? i : -1;
     }
     out[r] = found < 0 ? 0 : found;
+  }
+}
+
+// rms_norm_f32: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of n floats (row strides ldx, ldo).
+// w already includes any offset (Gemma stores weight - 1). One read of x, one write of out, per row.
+void rms_norm_f32(const float* x, const float* w, int64_t rows, int64_t n, int64_t ldx, int64_t ldo, float eps,
+                  float* out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    float* orow = out + r * ldo;
+    const float ms = dot(xr, xr, n) / static_cast<float>(n);
+    const float inv = 1.f / std::sqrt(ms + eps);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(orow + i, load8(xr + i) * splat(inv) * load8(w + i));
+    for (; i < n; ++i) orow[i] = xr[i] * inv * w[i];
+  }
+}
+
+// gelu_tanh_and_mul_f32: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up.
+void gelu_tanh_and_mul_f32(const float* x, int64_t rows, int64_t n, int64_t ldx, float* out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = x + r * ldx;
+    const float* u = g + n;
+    float* o = out + r * n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(o + i, gelu_tanh8(load8(g + i)) * load8(u + i));
+    for (; i < n; ++i) o[i] = gelu_tanh1(g[i]) * u[i];
   }
 }
 
