@@ -26,7 +26,8 @@ ENV_VAR = "TOKENMILL_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
 _ABI_VERSION = 1
-_i64, _f32p, _i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+# Pointers travel as plain ints (c_void_p): ctypes.cast per argument cost more than the small kernels.
+_i64, _f32p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 
 
 class CpuKernels:
@@ -51,14 +52,14 @@ class CpuKernels:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (weight already holds any offset)."""
         n = x.shape[-1]
-        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape != (n,) or weight.dtype != torch.float32:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape != (n,) or weight.dtype != torch.float32 \
+                or not weight.is_contiguous():
             raise ValueError(f"rms_norm: needs CPU float32 x [..., {n}] and weight [{n}]")
         x2 = x.reshape(-1, n)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
-        w = weight.contiguous()
         out = torch.empty(x2.shape, dtype=torch.float32)
-        self._rms_norm(_ptr(x2, _f32p), _ptr(w, _f32p), x2.shape[0], n, x2.stride(0), n, eps, _ptr(out, _f32p),
+        self._rms_norm(x2.data_ptr(), weight.data_ptr(), x2.shape[0], n, x2.stride(0), n, eps, out.data_ptr(),
                        torch.get_num_threads())
         return out.view(x.shape)
 
@@ -68,7 +69,7 @@ class CpuKernels:
             raise ValueError("gelu_tanh_and_mul: x must be a 2-D CPU float32 [T, 2n] tensor with contiguous rows")
         n = x.shape[1] // 2
         out = torch.empty((x.shape[0], n), dtype=torch.float32)
-        self._gelu_mul(_ptr(x, _f32p), x.shape[0], n, x.stride(0), _ptr(out, _f32p), torch.get_num_threads())
+        self._gelu_mul(x.data_ptr(), x.shape[0], n, x.stride(0), out.data_ptr(), torch.get_num_threads())
         return out
 
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class CpuKernels:
         if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1 or x.shape[1] == 0:
             raise ValueError("argmax_rows: x must be a non-empty 2-D CPU float32 tensor with contiguous rows")
         out = torch.empty(x.shape[0], dtype=torch.int64)
-        self._argmax(_ptr(x, _f32p), x.shape[0], x.shape[1], x.stride(0), _ptr(out, _i64p), torch.get_num_threads())
+        self._argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,15 +97,11 @@ class CpuKernels:
         if blocks.dim() != 2 or blocks.shape[0] != bsz or not (first_pos.numel() == lo.numel() == ctx.numel() == bsz):
             raise ValueError("decode_attention: blocks must be [B, nb] and first_pos/lo/ctx [B]")
         out = torch.empty_like(q)
-        self._decode(_ptr(q, _f32p), _ptr(k_cache, _f32p), _ptr(v_cache, _f32p), _ptr(blocks, _i64p),
-                     blocks.shape[1], _ptr(first_pos, _i64p), _ptr(lo, _i64p), _ptr(ctx, _i64p),
-                     bsz, num_heads, num_kv_heads, head_dim, block_size, scale, _ptr(out, _f32p),
+        self._decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(),
+                     blocks.shape[1], first_pos.data_ptr(), lo.data_ptr(), ctx.data_ptr(),
+                     bsz, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(),
                      torch.get_num_threads())
         return out
-
-
-def _ptr(t: torch.Tensor, kind):
-    return ctypes.cast(t.data_ptr(), kind)
 
 
 def load_cpu_kernels() -> CpuKernels | None:

@@ -91,6 +91,26 @@ inline float gelu_tanh1(float x) {
   return 0.5f * x * (1.f + std::tanh(u));
 }
 
+// x[0:n] = softmax(x[0:n]), the exponentials 8 lanes at a time.
+inline void softmax_inplace(float* x, int64_t n) {
+  float m = x[0];
+  for (int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+  v8f vsum = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f e = exp8(load8(x + i) - splat(m));
+    store8(x + i, e);
+    vsum += e;
+  }
+  float sum = hsum8(vsum);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  const float inv = 1.f / sum;
+  for (i = 0; i < n; ++i) x[i] *= inv;
+}
+
 // Ask for the n floats at p ahead of use: K/V slots of one sequence sit in scattered blocks, which the
 // hardware prefetcher does not follow across block boundaries.
 inline void prefetch(const float* p, int64_t n) {
@@ -215,16 +235,7 @@ void decode_attention_f32(const float* q, const float* k_cache, const float* v_c
                       for (int64_t g = 0; g < G; ++g) scores[g * L + i] = dot(qb + g * D, k, D) * scale;
                     });
       for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        float m = sg[0];
-        for (int64_t i = 1; i < L; ++i) m = sg[i] > m ? sg[i] : m;
-        float sum = 0.f;
-        for (int64_t i = 0; i < L; ++i) {
-          sg[i] = std::exp(sg[i] - m);
-          sum += sg[i];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < L; ++i) sg[i] *= inv;
+        softmax_inplace(scores.data() + g * L, L);
       }
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
       for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
