@@ -114,3 +114,15 @@ def test_native_gelu_tanh_and_mul_matches_torch(cpu_kernels, shape):
     xs = torch.cat([gate, torch.ones_like(gate)])[None]
     torch.testing.assert_close(cpu_kernels.gelu_tanh_and_mul(xs)[0], torch.nn.functional.gelu(gate, approximate="tanh"),
                                rtol=1e-5, atol=2e-6)
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_pytorch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TOKENMILL_CPU_KERNELS", "0")
+    assert load_cpu_kernels() is None
+    monkeypatch.delenv("TOKENMILL_CPU_KERNELS")
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")  # a "compiler" that always fails
+    with caplog.at_level("WARNING"):
+        assert load_cpu_kernels() is None
+    assert "native CPU kernels unavailable" in caplog.text
+    assert not list(tmp_path.glob("kernels/*/libtokenmill_cpu.so"))  # nothing half-built left to trust

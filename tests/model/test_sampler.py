@@ -120,3 +120,27 @@ def test_temperature_sampling_follows_the_distribution():
     a = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5))]
     b = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5))]
     assert a == b
+
+
+def test_sampling_over_a_large_vocabulary_keeps_support_and_frequencies():
+    """Inverse-CDF sampling over 262k entries: mass at the very end of the vocabulary (after a long run of
+    zero-probability entries) is found with the right frequencies, and masked entries are never chosen."""
+    big = 262_144
+    logits = torch.full((4, big), -math.inf)
+    logits[:, -2] = math.log(0.7)
+    logits[:, -1] = math.log(0.3)
+    logits[:, 0] = -math.inf  # the first entry stays masked (a u of 0 must not pick it)
+    sampler = Sampler(big, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    picks = []
+    for _ in range(100):
+        rows = sampler(logits.clone(), [_state(temperature=1.0) for _ in range(4)], gen)
+        picks += [r.token_id for r in rows]
+    assert set(picks) <= {big - 2, big - 1}
+    assert 0.6 < picks.count(big - 2) / len(picks) < 0.8
+    # a spread distribution: frequencies of the top token follow its probability
+    spread = torch.randn(1, big, generator=torch.Generator().manual_seed(1))
+    spread[0, 12345] = 14.0  # ~ half of the mass
+    p_top = torch.softmax(spread, -1)[0, 12345].item()
+    draws = [sampler(spread.clone(), [_state(seed=s, temperature=1.0)], gen)[0].token_id for s in range(300)]
+    assert abs(draws.count(12345) / 300 - p_top) < 0.1
