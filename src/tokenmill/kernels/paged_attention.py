@@ -3,8 +3,9 @@
 Decodes (sequences with one query token) run the native CPU kernel when it is loaded (float32 on CPU: it
 reads each visible K/V slot once, straight from the cache blocks); otherwise they gather their K/V whole
 blocks at a time into a padded [B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call
-over strided views (no transpose copies; GQA handled by SDPA). A prefill chunk that starts at position 0 attends to its own fresh
-K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit mask.
+over strided views (no transpose copies; GQA handled by SDPA). A prefill chunk that starts at position 0
+attends to its own fresh K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit
+mask.
 Checked against kernels/reference.py.
 """
 

@@ -7,6 +7,7 @@ cache. q/k/v and gate/up are fused into one matmul each; load_weights maps HF na
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -152,20 +153,17 @@ class LlamaForCausalLM(nn.Module):
         # float32 the head gets a oneDNN-packed copy (~1.6-2x the column-major layout at 8-64 rows, equal at
         # one row); otherwise (bf16 on CPU) a column-major copy, which MKL multiplies faster than row-major.
         emb = self.model.embed_tokens.weight
-        self.packed_lm_head = try_pack(emb) if self.lm_head is None else None
-        cpu_tied = self.lm_head is None and emb.device.type == "cpu"
-        self.lm_head_weight = column_major(emb) if cpu_tied and self.packed_lm_head is None else None
+        self.tied_head = None
+        if self.lm_head is None and emb.device.type == "cpu":
+            self.tied_head = try_pack(emb) or partial(torch.nn.functional.linear, weight=column_major(emb))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()  # untied: packed or column-major by prepare_linears_for_cpu
-        packed = getattr(self, "packed_lm_head", None)
-        if packed is not None:
-            return packed(hidden).float()
-        weight = getattr(self, "lm_head_weight", None)
-        if weight is None:
-            weight = self.model.embed_tokens.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        head = getattr(self, "tied_head", None)
+        if head is not None:
+            return head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
     def kv_cache_groups(self) -> list[KVCacheGroupSpec]:
         return kv_groups_from_windows(self.model.windows)
