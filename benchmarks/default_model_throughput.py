@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.offline_throughput import run_hf_batch  # noqa: E402 - the same static-batch transformers loop
+
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import torch
@@ -36,20 +38,6 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     g = torch.Generator().manual_seed(seed)
     # Ids from the ordinary-text range (avoid Gemma's control / unused tokens at the start of the vocab).
     return [[2] + torch.randint(1000, vocab - 1000, (length - 1,), generator=g).tolist() for _ in range(n)]
-
-
-def hf_generate(hf, prompts: list[list[int]], output_len: int, batch: int) -> tuple[float, list[list[int]]]:
-    import torch
-
-    outs: list[list[int]] = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch):
-            ids = torch.tensor(prompts[i : i + batch])  # equal lengths: no padding
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                              min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-            outs += gen[:, ids.shape[1]:].tolist()
-    return time.perf_counter() - t0, outs
 
 
 def main() -> None:
@@ -113,7 +101,7 @@ def main() -> None:
 
         p = Path(path)
         hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
-        hb_s, hb_tokens = hf_generate(hf, prompts, args.output_len, args.hf_batch)
+        hb_s, hb_tokens = run_hf_batch(hf, prompts, args.output_len, args.hf_batch)
         result["transformers_static_batch"] = {"batch": args.hf_batch, "elapsed_s": round(hb_s, 2),
                                                "output_tok_s": round(total_out / hb_s, 1)}
         result["ratio_vs_static_batch"] = round(hb_s / tm_s, 2)
@@ -121,7 +109,7 @@ def main() -> None:
         print(json.dumps({"partial": result}), file=sys.stderr, flush=True)
         if args.hf_single:
             n = min(args.hf_single, len(prompts))
-            hs_s, _ = hf_generate(hf, prompts[:n], args.output_len, 1)
+            hs_s, _ = run_hf_batch(hf, prompts[:n], args.output_len, 1)
             single_tok_s = n * args.output_len / hs_s
             result["transformers_one_at_a_time"] = {"requests": n, "output_tok_s": round(single_tok_s, 1),
                                                     "s_per_output_token": round(hs_s / (n * args.output_len), 4)}

@@ -90,11 +90,11 @@ def client(read_timeout_s: float = 5.0) -> UpstreamClient:
                           max_connections_per_replica=8)
 
 
-def run(test) -> None:
+def run(test, read_timeout_s: float = 5.0) -> None:
     async def main() -> None:
         server = Server()
         await server.start()
-        up = client()
+        up = client(read_timeout_s)
         try:
             await test(server, up)
         finally:
@@ -163,20 +163,15 @@ def test_refused_connection_is_a_connect_error():
 
 
 def test_a_stream_that_goes_silent_times_out():
-    async def main() -> None:
-        server = Server()
-        await server.start()
-        up = client(read_timeout_s=0.3)
+    async def test(server: Server, up: UpstreamClient) -> None:
         r = await up.post(f"{server.url}/silent", b"{}", {})
         it = r.aiter_body()
         assert await anext(it) == b"data: a\n\n"
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(it), 10)
         await r.aclose()
-        await up.close()
-        await server.stop()
 
-    asyncio.run(main())
+    run(test, read_timeout_s=0.3)
 
 
 def test_a_body_cut_mid_stream_is_an_upstream_error():
