@@ -1,7 +1,8 @@
-"""Native CPU kernels (kernels/csrc/cpu_kernels.cpp) against their plain-PyTorch oracles."""
+"""Native CPU kernels (kernels/csrc/*.cpp) against their plain-PyTorch oracles."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -114,6 +115,73 @@ def test_native_gelu_tanh_and_mul_matches_torch(cpu_kernels, shape):
     xs = torch.cat([gate, torch.ones_like(gate)])[None]
     torch.testing.assert_close(cpu_kernels.gelu_tanh_and_mul(xs)[0], torch.nn.functional.gelu(gate, approximate="tanh"),
                                rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 50, 7), (8, 48, 16), (9, 97, 33), (17, 1000, 64), (64, 4099, 640),
+                                   (2, 5, 0)])
+def test_native_panel_gemm_matches_matmul(cpu_kernels, m, n, k):
+    """Every row-tile remainder (1..MR rows), partial panels and partial panel groups, K = 0."""
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=g)
+    packed = cpu_kernels.pack_panels(w)
+    for rows in range(1, m + 1):
+        x = torch.randn(rows, k, generator=g)
+        want = (x.double() @ w.double().t()).float()
+        tol = 2e-6 * max(1, k) ** 0.5 * 4  # float32 rounding of a k-term sum of O(1) products
+        torch.testing.assert_close(cpu_kernels.panel_gemm(x, packed), want, rtol=tol, atol=tol)
+
+
+def test_native_panel_gemm_strides_out_buffer_and_errors(cpu_kernels):
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(40, 70, generator=g)
+    w = wide[:, :30]  # rows strided: packing reads with the row stride
+    packed = cpu_kernels.pack_panels(w)
+    x = torch.randn(2, 5, 30, generator=g)
+    want = x @ w.t()
+    torch.testing.assert_close(cpu_kernels.panel_gemm(x, packed), want, rtol=1e-5, atol=1e-5)  # 3-D input
+    xs = torch.randn(10, 64, generator=g)[:, 3:33]  # strided input rows
+    torch.testing.assert_close(cpu_kernels.panel_gemm(xs, packed), xs @ w.t(), rtol=1e-5, atol=1e-5)
+    buf = torch.full((10, 50), float("nan"))
+    got = cpu_kernels.panel_gemm(xs, packed, out=buf[:, 5:45])  # written in place, neighbours untouched
+    assert got.data_ptr() == buf[:, 5:45].data_ptr()
+    torch.testing.assert_close(buf[:, 5:45], xs @ w.t(), rtol=1e-5, atol=1e-5)
+    assert buf[:, :5].isnan().all() and buf[:, 45:].isnan().all()
+    with pytest.raises(ValueError, match="x must be CPU float32"):
+        cpu_kernels.panel_gemm(torch.randn(2, 31), packed)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_kernels.panel_gemm(torch.randn(2, 30), packed, out=torch.empty(3, 40))
+    with pytest.raises(ValueError, match="pack_panels"):
+        cpu_kernels.pack_panels(torch.randn(4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_layouts_agree(cpu_kernels, tied):
+    """The native panel layout, oneDNN packing (float32 without kernels) and column-major (bfloat16)."""
+    from tokenmill.layers.lm_head import LMHead
+
+    g = torch.Generator().manual_seed(int(tied))
+    emb = torch.nn.Embedding(301, 24)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(301, 24, generator=g))
+    hidden = torch.randn(5, 24, generator=g)
+    want = hidden @ emb.weight.detach().t()
+    for kernels, dtype in ((cpu_kernels, torch.float32), (None, torch.float32), (None, torch.bfloat16)):
+        shared = copy.deepcopy(emb).to(dtype)  # as model.to(dtype) converts the embedding a tied head reads
+        head = LMHead(24, 301, shared if tied else None).to(dtype)
+        if not tied:
+            with torch.no_grad():
+                head.weight.copy_(emb.weight)
+        if kernels is not None:
+            head.use_cpu_kernels(kernels)
+        out = torch.empty(5, 301)
+        got = head(hidden.to(dtype), out=out)
+        assert got.dtype == torch.float32 and got.shape == (5, 301)
+        tol = 1e-5 if dtype == torch.float32 else 0.15
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert (got.data_ptr() == out.data_ptr()) == (kernels is not None)  # only the native path writes `out`
+        if not tied:
+            assert head.weight.numel() == 0  # the untied head keeps only its repacked copy
+        torch.testing.assert_close(head(hidden.to(dtype)), got)  # later calls reuse the chosen layout
 
 
 def test_disabled_or_unbuildable_kernels_fall_back_to_pytorch(monkeypatch, tmp_path, caplog):

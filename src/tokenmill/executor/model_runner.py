@@ -49,6 +49,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.model.seed)
         self.states: dict[str, SeqSamplingState] = {}
+        self._logits: torch.Tensor | None = None  # reused every step: see _logits_buffer
         self.kv_cache_groups: list[KVCacheGroupSpec] = []
         self.num_blocks: list[int] = []
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -113,6 +114,17 @@ class ModelRunner:
         """Tokens the smallest-capacity group can hold (excluding the null block)."""
         return min(self.num_blocks, default=1) * self.block_size - self.block_size
 
+    def _logits_buffer(self, rows: int) -> torch.Tensor | None:
+        """A [rows, V] float32 buffer the LM head may write the step's logits into (CPU only; on CUDA the caching
+        allocator already reuses memory). A fresh [64, 262144] tensor per step costs ~20-30 ms of page faults
+        on CPU, since glibc maps allocations this large anew each time. The logits die within the step."""
+        if self.device.type != "cpu":
+            return None
+        vocab = self.model.config.vocab_size
+        if self._logits is None or self._logits.numel() < rows * vocab:
+            self._logits = torch.empty(rows * vocab, dtype=torch.float32)
+        return self._logits[: rows * vocab].view(rows, vocab)
+
     # ---- per-sequence state ---------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
         for seq_id in so.finished_seq_ids:
@@ -142,7 +154,7 @@ class ModelRunner:
             sampling = [s for s in so.seqs if s.sample]
             if not sampling:
                 return ModelOutput(sampled=[])
-            logits = self.model.compute_logits(hidden.index_select(0, sample_idx))
+            logits = self.model.compute_logits(hidden.index_select(0, sample_idx), self._logits_buffer(len(sampling)))
             states = [self.states[s.seq_id] for s in sampling]
             for st in states:
                 if st.generator is not None:

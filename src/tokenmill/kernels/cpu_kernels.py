@@ -1,4 +1,4 @@
-"""Native CPU kernels (csrc/cpu_kernels.cpp), built on first use with the system C++ compiler.
+"""Native CPU kernels (csrc/*.cpp), built into one library on first use with the system C++ compiler.
 
 The library has no torch headers, so it compiles in about a second; it is cached under the tokenmill cache
 dir keyed by the source, compiler, flags and CPU, and loaded with ctypes (ctypes releases the GIL during
@@ -12,10 +12,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,11 +25,20 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TOKENMILL_CPU_KERNELS"
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp")]
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 # Pointers travel as plain ints (c_void_p): ctypes.cast per argument cost more than the small kernels.
 _i64, _f32p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """A [n, k] weight repacked for panel_gemm (see csrc/panel_gemm.cpp); `panels` owns the memory."""
+
+    panels: torch.Tensor
+    n: int
+    k: int
 
 
 class CpuKernels:
@@ -48,6 +59,38 @@ class CpuKernels:
         self._gelu_mul = lib.gelu_tanh_and_mul_f32
         self._gelu_mul.restype = None
         self._gelu_mul.argtypes = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+        self.panel_width = lib.panel_gemm_width()
+        self._pack = lib.pack_panels_f32
+        self._pack.restype = None
+        self._pack.argtypes = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+        self._panel_gemm = lib.panel_gemm_f32
+        self._panel_gemm.restype = None
+        self._panel_gemm.argtypes = [_f32p, _i64, _i64, _i64, _f32p, _i64, _f32p, _i64, ctypes.c_int]
+
+    def pack_panels(self, weight: torch.Tensor) -> PanelWeight:
+        """Repack a CPU float32 weight [n, k] (rows contiguous) for panel_gemm; the source can then be freed."""
+        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.stride(1) != 1:
+            raise ValueError("pack_panels: weight must be a 2-D CPU float32 tensor with contiguous rows")
+        n, k = weight.shape
+        panels = torch.empty(-(-n // self.panel_width) * k * self.panel_width, dtype=torch.float32)
+        self._pack(weight.data_ptr(), n, k, weight.stride(0), panels.data_ptr(), torch.get_num_threads())
+        return PanelWeight(panels, n, k)
+
+    def panel_gemm(self, x: torch.Tensor, weight: PanelWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., k] @ W.T -> [..., n] in float32, written into `out` ([rows, n], rows contiguous) when given."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != weight.k:
+            raise ValueError(f"panel_gemm: x must be CPU float32 [..., {weight.k}], got {x.dtype} {tuple(x.shape)}")
+        rows = x.numel() // weight.k if weight.k else math.prod(x.shape[:-1])
+        x2 = x.reshape(rows, weight.k)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        if out is None:
+            out = torch.empty((rows, weight.n), dtype=torch.float32)
+        elif out.shape != (rows, weight.n) or out.dtype != torch.float32 or out.device.type != "cpu" or out.stride(1) != 1:
+            raise ValueError(f"panel_gemm: out must be CPU float32 [{rows}, {weight.n}] with contiguous rows")
+        self._panel_gemm(x2.data_ptr(), rows, weight.k, x2.stride(0), weight.panels.data_ptr(), weight.n,
+                         out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return out.view(*x.shape[:-1], weight.n)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (weight already holds any offset)."""
@@ -114,14 +157,13 @@ def load_cpu_kernels() -> CpuKernels | None:
         return None
     from tokenmill.model.cache_dir import get_or_build
 
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"|".join([source, compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
+    key = hashlib.sha256(b"|".join([*(src.read_bytes() for src in _SOURCES), compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
                                     _cpu_signature().encode()])).hexdigest()
 
     def build(tmp: Path) -> None:
         # Without OpenMP (e.g. Apple clang) the pragmas are ignored: same results, one thread per kernel.
         for flags in (_FLAGS, [f for f in _FLAGS if f != "-fopenmp"]):
-            cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp / "libtokenmill_cpu.so")]
+            cmd = [compiler, *flags, *map(str, _SOURCES), "-o", str(tmp / "libtokenmill_cpu.so")]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 return

@@ -22,6 +22,7 @@ from torch import nn
 
 from tokenmill.layers.attention import Attention, ForwardContext
 from tokenmill.layers.linear import FusedLinear
+from tokenmill.layers.lm_head import LMHead
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.model.llama import GatedMLP, LlamaForCausalLM, layer_sliding_windows
@@ -127,11 +128,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.config = config
         self.model = Gemma3Model(config)
         self.tie_word_embeddings = True
-        self.lm_head = None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied=self.model.embed_tokens)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)  # the tied head, packed for oneDNN on CPU in float32
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().compute_logits(hidden, out)
+        if self.softcap:  # in place: the logits are a fresh tensor or the caller's buffer
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits

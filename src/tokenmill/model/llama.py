@@ -7,7 +7,6 @@ cache. q/k/v and gate/up are fused into one matmul each; load_weights maps HF na
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +15,8 @@ from torch import nn
 from tokenmill.engine.outputs import KVCacheGroupSpec
 from tokenmill.layers.activation import get_act_and_mul
 from tokenmill.layers.attention import Attention, ForwardContext
-from tokenmill.layers.linear import FusedLinear, column_major, copy_weight, try_pack
+from tokenmill.layers.linear import FusedLinear, copy_weight
+from tokenmill.layers.lm_head import LMHead
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -143,27 +143,15 @@ class LlamaForCausalLM(nn.Module):
         bias = self.ATTN_BIAS if self.ATTN_BIAS is not None else bool(getattr(config, "attention_bias", False))
         self.model = DecoderModel(config, bias, self.QK_NORM)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        tied = self.model.embed_tokens if self.tie_word_embeddings else None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
-    def post_load(self) -> None:
-        # Tied embeddings: the lookup wants rows contiguous, the LM head matmul wants another layout. On CPU in
-        # float32 the head gets a oneDNN-packed copy (~1.6-2x the column-major layout at 8-64 rows, equal at
-        # one row); otherwise (bf16 on CPU) a column-major copy, which MKL multiplies faster than row-major.
-        emb = self.model.embed_tokens.weight
-        self.tied_head = None
-        if self.lm_head is None and emb.device.type == "cpu":
-            self.tied_head = try_pack(emb) or partial(torch.nn.functional.linear, weight=column_major(emb))
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()  # untied: packed or column-major by prepare_linears_for_cpu
-        head = getattr(self, "tied_head", None)
-        if head is not None:
-            return head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] -> float32 logits [T, V]; `out` is a buffer they may be written into (see LMHead)."""
+        return self.lm_head(hidden, out=out)
 
     def kv_cache_groups(self) -> list[KVCacheGroupSpec]:
         return kv_groups_from_windows(self.model.windows)
@@ -179,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: some checkpoints store a copy of the embeddings
             fused = next((frag for frag in _STACKED if f".{frag}." in name), None)
             if fused is not None:

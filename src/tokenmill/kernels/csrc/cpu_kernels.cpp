@@ -213,7 +213,7 @@ inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, i
 
 extern "C" {
 
-int tokenmill_kernels_abi_version() { return 1; }
+int tokenmill_kernels_abi_version() { return 2; }
 
 void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
                           int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx,

@@ -1,0 +1,146 @@
+// panel_gemm_f32: C[M, N] = A[M, K] @ W[N, K]^T for wide, read-once weights (the LM head: N = vocabulary).
+//
+// W is repacked once, at load, into column panels of PW floats: P[N/PW][K][PW] (the last panel zero-padded),
+// so one k step of a panel is one aligned vector load. Each call packs A into row tiles of MR rows laid out
+// [K][MR] (a broadcast per row per k reads one contiguous line; A rows whose stride is a multiple of 4 KiB
+// would otherwise fight over the same L1 sets), then walks groups of NR panels: every row tile runs a
+// register-blocked MR x (NR*PW) outer-product microkernel over the full K with the group's panels hot in L2,
+// while software prefetch pulls the next group from memory. Threads split the groups, so each weight byte is
+// read from DRAM once per call. The result is identical in math (each output one k-ordered FMA chain) to a
+// naive loop, so `x @ W.T` with float32 accumulation is the oracle (tests/model/test_cpu_kernels.py).
+//
+// Why not oneDNN/MKL: on the 640 x 262,144 Gemma 3 head (2 threads, AVX-512) oneDNN's prepacked linear
+// reaches 68-170 GFLOP/s at 8-128 rows, this kernel 86-231, MKL column-major 40-139 (benchmarks/lm_head_gemm.py).
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int PW = 16, MR = 8, NR = 3;  // 24 accumulators + 3 weight vectors + 1 broadcast of 32 registers
+#else
+constexpr int PW = 8, MR = 6, NR = 2;  // 12 + 2 + 1 of 16 (AVX2 / NEON)
+#endif
+constexpr int kMid = NR > 2 ? 2 : 1;  // the width of a last group of two panels when NR is 3
+constexpr int64_t kLineFloats = 16;  // 64-byte cache line
+
+typedef float vp __attribute__((vector_size(PW * 4)));
+
+inline vp loadp(const float* p) {
+  vp v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storep(float* p, vp v) { std::memcpy(p, &v, sizeof(v)); }
+
+// R rows (of a packed A tile [K][MR]) x NP panels; stores the first `cols` columns of each row of C.
+// Meanwhile prefetches `npf` lines starting at pf (the next group's weights), spread over the k loop.
+template <int R, int NP>
+inline void microkernel(const float* a, const float* p, int64_t K, float* c, int64_t ldc, int64_t cols,
+                        const float* pf, int64_t npf) {
+  vp acc[R][NP];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = vp{};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLineFloats, 0, 2);  // at most NR*PW/16 lines
+    vp w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = loadp(p + (j * K + k) * PW);
+    for (int i = 0; i < R; ++i) {
+      const vp ai = a[k * MR + i] - vp{};
+      for (int j = 0; j < NP; ++j) acc[i][j] += ai * w[j];
+    }
+  }
+  if (cols == NP * PW) {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < NP; ++j) storep(c + i * ldc + j * PW, acc[i][j]);
+    return;
+  }
+  for (int i = 0; i < R; ++i) {
+    float row[NP * PW];
+    for (int j = 0; j < NP; ++j) storep(row + j * PW, acc[i][j]);
+    std::memcpy(c + i * ldc, row, sizeof(float) * cols);
+  }
+}
+
+// Dispatch on the number of valid rows r (1..MR) of the last, partial row tile.
+template <int NP, int R = MR>
+inline void tile(int r, const float* a, const float* p, int64_t K, float* c, int64_t ldc, int64_t cols,
+                 const float* pf, int64_t npf) {
+  if constexpr (R >= 1) {
+    if (r == R)
+      microkernel<R, NP>(a, p, K, c, ldc, cols, pf, npf);
+    else
+      tile<NP, R - 1>(r, a, p, K, c, ldc, cols, pf, npf);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int panel_gemm_width() { return PW; }
+
+// P [ceil(N/PW)][K][PW] <- W [N, K] (row stride ldw), zero-padding the columns past N.
+void pack_panels_f32(const float* w, int64_t n, int64_t k, int64_t ldw, float* p, int num_threads) {
+  const int64_t panels = (n + PW - 1) / PW;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t q = 0; q < panels; ++q) {
+    float* dst = p + q * k * PW;
+    for (int j = 0; j < PW; ++j) {
+      const int64_t col = q * PW + j;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * PW + j] = col < n ? w[col * ldw + kk] : 0.f;
+    }
+  }
+}
+
+// C [M, N] (row stride ldc) = A [M, K] (row stride lda) @ W^T, W given as pack_panels_f32 output.
+void panel_gemm_f32(const float* a, int64_t m, int64_t k, int64_t lda, const float* p, int64_t n, float* c,
+                    int64_t ldc, int num_threads) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  const int64_t tiles = (m + MR - 1) / MR, panels = (n + PW - 1) / PW, groups = (panels + NR - 1) / NR;
+  float* ap = static_cast<float*>(std::malloc(sizeof(float) * tiles * k * MR));
+  if (ap == nullptr) return;
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      float* dst = ap + t * k * MR;
+      const int64_t rows = std::min<int64_t>(MR, m - t * MR);
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int i = 0; i < MR; ++i) dst[kk * MR + i] = i < rows ? a[(t * MR + i) * lda + kk] : 0.f;
+    }
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t q0 = g * NR, np = std::min<int64_t>(NR, panels - q0), c0 = q0 * PW;
+      const int64_t cols = std::min<int64_t>(np * PW, n - c0);
+      const float* pg = p + q0 * k * PW;
+      const float* next = pg + np * k * PW;
+      const int64_t next_lines = g + 1 < groups ? std::min<int64_t>(NR, panels - q0 - NR) * k * PW / kLineFloats : 0;
+      const int64_t per_tile = (next_lines + tiles - 1) / tiles;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
+        const float* pf = next + t * per_tile * kLineFloats;
+        const int64_t npf = std::max<int64_t>(0, std::min(per_tile, next_lines - t * per_tile));
+        const float* at = ap + t * k * MR;
+        float* ct = c + t * MR * ldc + c0;
+        if (np == NR)
+          tile<NR>(r, at, pg, k, ct, ldc, cols, pf, npf);
+        else if (np == kMid)
+          tile<kMid>(r, at, pg, k, ct, ldc, cols, pf, npf);
+        else
+          tile<1>(r, at, pg, k, ct, ldc, cols, pf, npf);
+      }
+    }
+  }
+  std::free(ap);
+}
+
+}  // extern "C"

@@ -1,0 +1,60 @@
+"""The LM head: hidden states -> float32 logits over the vocabulary, with its own weight or the tied embedding.
+
+It is the widest matmul of a small model (Gemma 3 270M: 640 x 262,144, 62% of decode FLOPs), and its weight is
+read once per step, so its layout is chosen once, on first use:
+- CPU float32 with the native kernels: the weight repacked into column panels for `panel_gemm`
+  (csrc/panel_gemm.cpp; 1.1-1.7x oneDNN's prepacked linear at 1-128 rows, benchmarks/lm_head_gemm.py);
+- CPU float32 without them: oneDNN-packed; other CPU dtypes: column-major for MKL; GPUs: the weight as is.
+An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
+embedding it shares, which the input lookup still needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from tokenmill.kernels.cpu_kernels import CpuKernels
+from tokenmill.layers.linear import column_major, try_pack
+
+
+class LMHead(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int, tied: nn.Embedding | None = None):
+        super().__init__()
+        # A tuple, so the shared embedding is not registered twice (state dict, parameters, .to()).
+        self._tied = (tied,) if tied is not None else ()
+        self.weight = None if tied is not None else nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self._project: Callable[..., torch.Tensor] | None = None
+        self._writes_out = False
+
+    def _source(self) -> torch.Tensor:
+        return (self._tied[0].weight if self._tied else self.weight).detach()
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Called once after loading (before the first step) by the model runner."""
+        if self._project is None:
+            self._prepare(kernels)
+
+    def _prepare(self, kernels: CpuKernels | None) -> None:
+        weight = self._source()
+        if weight.device.type != "cpu":
+            self._project = partial(torch.nn.functional.linear, weight=weight)
+        elif weight.dtype == torch.float32 and kernels is not None:
+            self._project = partial(kernels.panel_gemm, weight=kernels.pack_panels(weight.contiguous()))
+            self._writes_out = True
+        else:
+            self._project = try_pack(weight) or partial(torch.nn.functional.linear, weight=column_major(weight))
+        if not self._tied and weight.device.type == "cpu":  # the head holds its own copy now
+            self.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, V] float32. `out` ([T, V] float32) is a buffer the logits may be
+        written into (the native path does, sparing a fresh allocation per step); use the returned tensor."""
+        if self._project is None:
+            self._prepare(None)
+        if self._writes_out:
+            return self._project(hidden, out=out)
+        return self._project(hidden).float()
