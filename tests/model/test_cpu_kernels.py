@@ -26,7 +26,7 @@ def cpu_kernels():
 @pytest.mark.parametrize("block_size", [1, 16, 5])
 @pytest.mark.parametrize("window", [None, 4, 11])
 @pytest.mark.parametrize("mix", range(len(MIXES)))
-@pytest.mark.parametrize("heads", [(4, 2, 8), (4, 1, 32), (3, 3, 16)])
+@pytest.mark.parametrize("heads", [(4, 2, 8), (4, 1, 32), (3, 3, 16), (6, 1, 40)])
 def test_native_decode_matches_reference(cpu_kernels, block_size, window, mix, heads):
     """The native decode kernel inside the fast path (mixed batches: decodes go native, prefills to SDPA)."""
     num_heads, kv_heads, dim = heads

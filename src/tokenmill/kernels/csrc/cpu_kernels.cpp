@@ -61,6 +61,33 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// The widest vector of the build: 16 floats with AVX-512, else 8. The decode kernel's loops use it.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+typedef float vw __attribute__((vector_size(kW * 4)));
+
+inline vw loadw(const float* p) {
+  vw v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storew(float* p, vw v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float hsumw(vw v) {
+#if defined(__AVX512F__) && defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+  return hsum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+#endif
+}
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
@@ -149,9 +176,10 @@ inline void for_each_slot(const float* cache, const int64_t* table, int64_t firs
   }
 }
 
-// Calls f(i, rows, n) for the runs of consecutive positions p0 <= p < p1 that share a block: rows points at
-// head offset `head` of the first slot of the run (later slots follow every token_stride floats) and i is
-// the run's first index (p - p0).
+// Calls f(i, rows, n, next) for the runs of consecutive positions p0 <= p < p1 that share a block: rows points
+// at head offset `head` of the first slot of the run (later slots follow every token_stride floats), i is the
+// run's first index (p - p0) and next the first slot of the following run (nullptr after the last), which f
+// prefetches while it works: runs sit in scattered blocks that the hardware prefetcher does not follow.
 template <typename F>
 inline void for_each_run(const float* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
                          int64_t bs, int64_t block_stride, int64_t token_stride, int64_t head, F f) {
@@ -159,35 +187,39 @@ inline void for_each_run(const float* cache, const int64_t* table, int64_t first
   while (p < p1) {
     const int64_t rel = p - first_pos, j = rel / bs, t = rel - j * bs;
     const int64_t n = bs - t < p1 - p ? bs - t : p1 - p;
-    if (p + n < p1) __builtin_prefetch(cache + table[j + 1] * block_stride + head);
-    f(p - p0, cache + table[j] * block_stride + t * token_stride + head, n);
+    const float* next = p + n < p1 ? cache + table[j + 1] * block_stride + head : nullptr;
+    f(p - p0, cache + table[j] * block_stride + t * token_stride + head, n, next);
     p += n;
   }
 }
 
-// acc[g][:] += sum_t w[g][i0 + t] * rows[t][:] for GN heads (g stride D in acc, L in w): column tiles of 16
-// floats, the 2 * GN accumulators of a tile stay in registers across the run.
+// acc[g][:] += sum_t w[g][i0 + t] * rows[t][:] for GN heads (g stride D in acc, L in w): column tiles of two
+// vectors, the 2 * GN accumulators of a tile stay in registers across the run.
 template <int GN>
 inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, const float* rows,
-                           int64_t stride, int64_t n, int64_t D) {
+                           int64_t stride, int64_t n, int64_t D, const float* next) {
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {  // 16 floats: one cache line of each value row per pass
-    v8f a[GN], b[GN];
+  for (; d + 2 * kW <= D; d += 2 * kW) {
+    if (next != nullptr) {  // the same lines of the next run's rows (as many rows as this run: a guess)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t l = 0; l < 2 * kW; l += 16) __builtin_prefetch(next + t * stride + d + l);
+    }
+    vw a[GN], b[GN];
     for (int g = 0; g < GN; ++g) {
-      a[g] = load8(acc + g * D + d);
-      b[g] = load8(acc + g * D + d + 8);
+      a[g] = loadw(acc + g * D + d);
+      b[g] = loadw(acc + g * D + d + kW);
     }
     for (int64_t t = 0; t < n; ++t) {
-      const v8f v0 = load8(rows + t * stride + d), v1 = load8(rows + t * stride + d + 8);
+      const vw v0 = loadw(rows + t * stride + d), v1 = loadw(rows + t * stride + d + kW);
       for (int g = 0; g < GN; ++g) {
-        const v8f wv = splat(w[g * L + i0 + t]);
+        const vw wv = w[g * L + i0 + t] + vw{};
         a[g] += wv * v0;
         b[g] += wv * v1;
       }
     }
     for (int g = 0; g < GN; ++g) {
-      store8(acc + g * D + d, a[g]);
-      store8(acc + g * D + d + 8, b[g]);
+      storew(acc + g * D + d, a[g]);
+      storew(acc + g * D + d + kW, b[g]);
     }
   }
   for (; d < D; ++d) {
@@ -197,14 +229,48 @@ inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, co
   }
 }
 
-inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, int64_t i0, const float* rows,
-                             int64_t stride, int64_t n, int64_t D) {
+// s[g * L + i] = scale * dot(q[g], k) for GN query heads sharing one key row: each key vector is loaded once
+// for all of them, two accumulators per head.
+template <int GN>
+inline void score_heads(float* s, int64_t L, int64_t i, const float* q, const float* k, int64_t D, float scale) {
+  vw a[GN], b[GN];
+  for (int g = 0; g < GN; ++g) a[g] = b[g] = vw{};
+  int64_t d = 0;
+  for (; d + 2 * kW <= D; d += 2 * kW) {
+    const vw k0 = loadw(k + d), k1 = loadw(k + d + kW);
+    for (int g = 0; g < GN; ++g) {
+      a[g] += loadw(q + g * D + d) * k0;
+      b[g] += loadw(q + g * D + d + kW) * k1;
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    float r = hsumw(a[g] + b[g]);
+    for (int64_t e = d; e < D; ++e) r += q[g * D + e] * k[e];
+    s[g * L + i] = r * scale;
+  }
+}
+
+inline void score_all_heads(float* s, int64_t L, int64_t G, int64_t i, const float* q, const float* k, int64_t D,
+                            float scale) {
   int64_t g = 0;
-  for (; g + 4 <= G; g += 4) accumulate_run<4>(acc + g * D, w + g * L, L, i0, rows, stride, n, D);
+  for (; g + 4 <= G; g += 4) score_heads<4>(s + g * L, L, i, q + g * D, k, D, scale);
   switch (G - g) {
-    case 3: accumulate_run<3>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
-    case 2: accumulate_run<2>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
-    case 1: accumulate_run<1>(acc + g * D, w + g * L, L, i0, rows, stride, n, D); break;
+    case 3: score_heads<3>(s + g * L, L, i, q + g * D, k, D, scale); break;
+    case 2: score_heads<2>(s + g * L, L, i, q + g * D, k, D, scale); break;
+    case 1: score_heads<1>(s + g * L, L, i, q + g * D, k, D, scale); break;
+    default: break;
+  }
+}
+
+inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, int64_t i0, const float* rows,
+                             int64_t stride, int64_t n, int64_t D, const float* next) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4, next = nullptr)  // prefetch once, with the first group of heads
+    accumulate_run<4>(acc + g * D, w + g * L, L, i0, rows, stride, n, D, next);
+  switch (G - g) {
+    case 3: accumulate_run<3>(acc + g * D, w + g * L, L, i0, rows, stride, n, D, next); break;
+    case 2: accumulate_run<2>(acc + g * D, w + g * L, L, i0, rows, stride, n, D, next); break;
+    case 1: accumulate_run<1>(acc + g * D, w + g * L, L, i0, rows, stride, n, D, next); break;
     default: break;
   }
 }
@@ -239,16 +305,14 @@ void decode_attention_f32(const float* q, const float* k_cache, const float* v_c
       scores.resize(G * L);
       const int64_t* table = blocks + b * nb;
       for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
-                    [&](int64_t i, const float* k) {
-                      for (int64_t g = 0; g < G; ++g) scores[g * L + i] = dot(qb + g * D, k, D) * scale;
-                    });
+                    [&](int64_t i, const float* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
       for (int64_t g = 0; g < G; ++g) {
         softmax_inplace(scores.data() + g * L, L);
       }
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
       for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
-                   [&](int64_t i, const float* rows, int64_t n) {
-                     accumulate_heads(acc.data(), scores.data(), L, G, i, rows, token_stride, n, D);
+                   [&](int64_t i, const float* rows, int64_t n, const float* next) {
+                     accumulate_heads(acc.data(), scores.data(), L, G, i, rows, token_stride, n, D, next);
                    });
       for (int64_t i = 0; i < G * D; ++i) ob[i] = acc[i];
     }
