@@ -130,9 +130,7 @@ def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device
 
 
 def finalize_model(model: torch.nn.Module) -> torch.nn.Module:
-    """After weights are in: CPU-friendly linear layouts (oneDNN-packed in float32), then the model's own
-    post_load hook (e.g. an LM head copy for tied embeddings). The GGUF loader calls this too."""
+    """After weights are in: CPU-friendly linear layouts (oneDNN-packed in float32; the LM head picks its own
+    layout on first use, see layers/lm_head.py). The GGUF loader calls this too."""
     prepare_linears_for_cpu(model)
-    if hasattr(model, "post_load"):
-        model.post_load()
     return model.eval()
