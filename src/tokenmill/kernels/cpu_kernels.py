@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "TOKENMILL_CPU_KERNELS"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / "wide_vector.h"]  # part of the build key, not compiled alone
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
 _ABI_VERSION = 2
 # Pointers travel as plain ints (c_void_p): ctypes.cast per argument cost more than the small kernels.
@@ -157,7 +158,7 @@ def load_cpu_kernels() -> CpuKernels | None:
         return None
     from tokenmill.model.cache_dir import get_or_build
 
-    key = hashlib.sha256(b"|".join([*(src.read_bytes() for src in _SOURCES), compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
+    key = hashlib.sha256(b"|".join([*(src.read_bytes() for src in _SOURCES + _HEADERS), compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
                                     _cpu_signature().encode()])).hexdigest()
 
     def build(tmp: Path) -> None:

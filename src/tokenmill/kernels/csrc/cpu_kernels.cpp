@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "wide_vector.h"
+
 namespace {
 
 // 8 floats in one vector (GCC/Clang vector extension: AVX on x86, two NEON registers on ARM).
@@ -61,21 +63,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// The widest vector of the build: 16 floats with AVX-512, else 8. The decode kernel's loops use it.
-#if defined(__AVX512F__)
-constexpr int kW = 16;
-#else
-constexpr int kW = 8;
-#endif
-typedef float vw __attribute__((vector_size(kW * 4)));
-
-inline vw loadw(const float* p) {
-  vw v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void storew(float* p, vw v) { std::memcpy(p, &v, sizeof(v)); }
+using tokenmill::kW;
+using tokenmill::loadw;
+using tokenmill::storew;
+using tokenmill::vw;
 
 inline float hsumw(vw v) {
 #if defined(__AVX512F__) && defined(__has_builtin) && __has_builtin(__builtin_shufflevector)

@@ -17,51 +17,48 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "wide_vector.h"
+
 namespace {
 
+using tokenmill::loadw;
+using tokenmill::storew;
+using tokenmill::vw;
+
+constexpr int PW = tokenmill::kW;  // panel width: one vector
 #if defined(__AVX512F__)
-constexpr int PW = 16, MR = 8, NR = 3;  // 24 accumulators + 3 weight vectors + 1 broadcast of 32 registers
+constexpr int MR = 8, NR = 3;  // 24 accumulators + 3 weight vectors + 1 broadcast of 32 registers
 #else
-constexpr int PW = 8, MR = 6, NR = 2;  // 12 + 2 + 1 of 16 (AVX2 / NEON)
+constexpr int MR = 6, NR = 2;  // 12 + 2 + 1 of 16 (AVX2 / NEON)
 #endif
 constexpr int kMid = NR > 2 ? 2 : 1;  // the width of a last group of two panels when NR is 3
 constexpr int64_t kLineFloats = 16;  // 64-byte cache line
-
-typedef float vp __attribute__((vector_size(PW * 4)));
-
-inline vp loadp(const float* p) {
-  vp v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void storep(float* p, vp v) { std::memcpy(p, &v, sizeof(v)); }
 
 // R rows (of a packed A tile [K][MR]) x NP panels; stores the first `cols` columns of each row of C.
 // Meanwhile prefetches `npf` lines starting at pf (the next group's weights), spread over the k loop.
 template <int R, int NP>
 inline void microkernel(const float* a, const float* p, int64_t K, float* c, int64_t ldc, int64_t cols,
                         const float* pf, int64_t npf) {
-  vp acc[R][NP];
+  vw acc[R][NP];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NP; ++j) acc[i][j] = vp{};
+    for (int j = 0; j < NP; ++j) acc[i][j] = vw{};
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLineFloats, 0, 2);  // at most NR*PW/16 lines
-    vp w[NP];
-    for (int j = 0; j < NP; ++j) w[j] = loadp(p + (j * K + k) * PW);
+    vw w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = loadw(p + (j * K + k) * PW);
     for (int i = 0; i < R; ++i) {
-      const vp ai = a[k * MR + i] - vp{};
+      const vw ai = a[k * MR + i] - vw{};
       for (int j = 0; j < NP; ++j) acc[i][j] += ai * w[j];
     }
   }
   if (cols == NP * PW) {
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < NP; ++j) storep(c + i * ldc + j * PW, acc[i][j]);
+      for (int j = 0; j < NP; ++j) storew(c + i * ldc + j * PW, acc[i][j]);
     return;
   }
   for (int i = 0; i < R; ++i) {
     float row[NP * PW];
-    for (int j = 0; j < NP; ++j) storep(row + j * PW, acc[i][j]);
+    for (int j = 0; j < NP; ++j) storew(row + j * PW, acc[i][j]);
     std::memcpy(c + i * ldc, row, sizeof(float) * cols);
   }
 }
