@@ -9,18 +9,37 @@ import pytest
 import torch
 
 from tests.model.test_paged_attention import MIXES, _case
-from tokenmill.kernels.cpu_kernels import load_cpu_kernels
+from tokenmill.kernels.cpu_features import host_cpu_features
+from tokenmill.kernels.cpu_kernels import X86_VARIANTS, load_cpu_kernels, variants_for
 from tokenmill.kernels.paged_attention import paged_attention
 from tokenmill.kernels.reference import paged_attention_reference
 
 
-@pytest.fixture(scope="module")
-def cpu_kernels():
+# Every instruction-set variant this machine can execute (AVX-512, AVX2 and the x86-64 baseline on an AVX-512
+# machine; AVX2 and baseline on an AVX2 one): the narrower paths are tested wherever the suite runs.
+RUNNABLE = [v.name for v in variants_for(host_cpu_features())]
+BF16_ULP = 2.0**-7  # relative spacing of bf16 values: one rounding step
+
+
+@pytest.fixture(scope="module", params=RUNNABLE)
+def cpu_kernels(request):
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler: the native CPU kernels cannot be built here")
-    kernels = load_cpu_kernels()
-    assert kernels is not None, "a C++ compiler is present but the native CPU kernels failed to build"
+    kernels = load_cpu_kernels(request.param)
+    assert kernels is not None, f"a C++ compiler is present but the {request.param} kernels failed to build"
+    assert kernels.variant == request.param
     return kernels
+
+
+def test_default_variant_is_the_widest_this_cpu_runs(monkeypatch):
+    monkeypatch.delenv("TOKENMILL_CPU_KERNELS", raising=False)
+    assert load_cpu_kernels().variant == RUNNABLE[0]
+    monkeypatch.setenv("TOKENMILL_CPU_KERNELS", RUNNABLE[-1])
+    assert load_cpu_kernels().variant == RUNNABLE[-1]
+    missing = [v.name for v in X86_VARIANTS if v.name not in RUNNABLE]
+    for name in missing + ["avx9000"]:  # never loaded on a CPU without its instructions: a clear error instead
+        with pytest.raises(ValueError, match="this CPU runs the variants"):
+            load_cpu_kernels(name)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 5])
@@ -35,6 +54,30 @@ def test_native_decode_matches_reference(cpu_kernels, block_size, window, mix, h
     want = paged_attention_reference(q, kc, vc, meta, scale, window)
     got = paged_attention(q, k, v, kc, vc, meta, scale, cpu_kernels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("window", [None, 11])
+@pytest.mark.parametrize("mix", range(len(MIXES)))
+@pytest.mark.parametrize("heads", [(4, 1, 32), (6, 1, 40), (3, 3, 16)])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_reads_a_bf16_cache(cpu_kernels, block_size, window, mix, heads, q_dtype):
+    """bf16 K/V caches (float32 or bf16 queries): the same float32 math as the oracle on the widened cache."""
+    num_heads, kv_heads, dim = heads
+    q, k, v, kc, vc, meta = _case(block_size, window, MIXES[mix], heads=num_heads, kv_heads=kv_heads, dim=dim, seed=mix)
+    q, k, v, kc, vc = q.to(q_dtype), k.to(q_dtype), v.to(q_dtype), kc.bfloat16(), vc.bfloat16()
+    scale = dim**-0.5
+    want = paged_attention_reference(q.float(), kc.float(), vc.float(), meta, scale, window)
+    got = paged_attention(q, k, v, kc, vc, meta, scale, cpu_kernels)
+    assert got.dtype == q_dtype
+    if q_dtype == torch.float32 and not meta.plan(q.dtype).prefills and not meta.plan(q.dtype).fresh_groups:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # prefills attend to this step's fresh (unrounded) K/V, bf16 outputs round once
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=BF16_ULP)
+    plan = meta.plan(q.dtype)
+    if plan.decode_token_idx is not None:  # the decode rows alone: exact up to the output's own rounding
+        idx = plan.decode_token_idx
+        torch.testing.assert_close(got.float()[idx], want[idx].to(q_dtype).float(), atol=1e-5, rtol=BF16_ULP)
 
 
 def test_native_decode_rejects_bad_inputs(cpu_kernels):
@@ -93,6 +136,55 @@ def test_native_rms_norm_matches_the_torch_formula(cpu_kernels, shape, offset):
     # a strided input (q of a fused qkv projection) gives the same result
     wide = torch.randn(*shape[:-1], shape[-1] * 2, generator=g)
     torch.testing.assert_close(norm(wide[..., : shape[-1]]), norm(wide[..., : shape[-1]].contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 640), (3, 4, 256), (7, 13), (2, 40)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_native_rms_norm_bf16_matches_torch_bf16(cpu_kernels, shape, offset):
+    """bf16 in and out, float32 inside: Gemma's order (weight in float32) and Llama's (round, then weight)."""
+    from tokenmill.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(len(shape) + int(offset))
+    norm = RMSNorm(shape[-1], 1e-6, weight_offset=offset, gemma_style=bool(offset)).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.5)
+    x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+    want = norm(x)
+    norm.use_cpu_kernels(cpu_kernels)
+    got = norm(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-6)  # at most one rounding step
+    assert (got == want).float().mean() > 0.97  # and nearly always the very same bf16 value
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (4, 22), (64, 4096), (3, 2 * 1000)])
+def test_native_gelu_tanh_and_mul_bf16_matches_torch_bf16(cpu_kernels, shape):
+    from tokenmill.layers.activation import GeluTanhAndMul
+
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    x[0, 0] = -30.0
+    act = GeluTanhAndMul()
+    want = act(x)
+    act.use_cpu_kernels(cpu_kernels)
+    got = act(x)
+    assert got.dtype == torch.bfloat16 and not torch.isnan(got.float()).any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_ULP, atol=1e-6)
+    assert (got == want).float().mean() > 0.97
+
+
+def test_bf16_stores_round_to_nearest_even_like_torch(cpu_kernels):
+    """The kernels' float32 -> bf16 store (csrc/wide_vector.h, vector and scalar tails) is torch's .to(bfloat16)
+    bit for bit: ties to even, carries into the exponent, overflow to inf, subnormals, signed zero, NaN."""
+    special = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F7FFFFF, 0x7F7FFFFF, 0x7F7F8000, 0x3F808001,
+                            0xBF808000, 0x00000001, 0x00008000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001,
+                            0xFFFFFFFF, 0x3F800000], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([special, torch.randn(1000, generator=g) * 100, special[:5]])  # 5 left for the scalar tail
+    got, want = cpu_kernels.to_bf16(x), x.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), x[~same]
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (4, 22), (64, 4096), (3, 2 * 1000)])

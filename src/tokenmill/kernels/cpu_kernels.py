@@ -1,10 +1,17 @@
 """Native CPU kernels (csrc/*.cpp), built into one library on first use with the system C++ compiler.
 
 The library has no torch headers, so it compiles in about a second; it is cached under the tokenmill cache
-dir keyed by the source, compiler, flags and CPU, and loaded with ctypes (ctypes releases the GIL during
-the call). It links OpenMP like torch does, so on Linux both share torch's already-loaded libgomp runtime.
+dir keyed by the source, compiler, flags, variant and CPU, and loaded with ctypes (ctypes releases the GIL
+during the call). It links OpenMP like torch does, so on Linux both share torch's already-loaded libgomp.
+
+One source, one build per instruction-set variant (VARIANTS: `-march` named explicitly, so a library never
+holds instructions its variant does not list); `load_cpu_kernels()` loads the widest variant this CPU runs.
+Every kernel takes float32 or bf16 data (bf16 widened to float32 on load, rounded to nearest even on store;
+the arithmetic is float32 in every variant) and has a plain-PyTorch oracle (tests/model/test_cpu_kernels.py
+runs each variant the test machine can execute). bf16 *matrix* products on CPUs with AMX / AVX512-BF16 go
+through oneDNN (layers/linear.py), not through these kernels.
 When no compiler is found or the build fails, `load_cpu_kernels()` returns None with the reason logged and
-callers keep the plain-PyTorch path. Set TOKENMILL_CPU_KERNELS=0 to disable them.
+callers keep the plain-PyTorch path. TOKENMILL_CPU_KERNELS=0 disables them; =<variant> picks one (tests).
 """
 
 from __future__ import annotations
@@ -22,13 +29,39 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.kernels.cpu_features import CpuFeatures, host_cpu_features
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TOKENMILL_CPU_KERNELS"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / "wide_vector.h"]  # part of the build key, not compiled alone
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
-_ABI_VERSION = 2
+_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
+_ABI_VERSION = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: its -march flags and the CPU features (x86 flag names) it needs to run."""
+
+    name: str
+    march: tuple[str, ...]
+    needs: frozenset[str]
+
+    def runs_on(self, cpu: CpuFeatures) -> bool:
+        return self.needs <= cpu.flags if self.needs else True
+
+
+# Widest first. x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (16-float vectors), v3 = AVX2 + FMA + F16C + BMI (8-float
+# vectors), the x86-64 baseline = SSE2 (8-float vectors as SSE pairs). Other machines: the host's own -march.
+X86_VARIANTS = (
+    Variant("avx512", ("-march=x86-64-v4", "-mtune=generic"),
+            frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "f16c", "bmi2"})),
+    Variant("avx2", ("-march=x86-64-v3", "-mtune=generic"),
+            frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"})),
+    Variant("base", ("-march=x86-64", "-mtune=generic"), frozenset()),
+)
+NATIVE_VARIANT = Variant("native", ("-march=native",), frozenset())
 # Pointers travel as plain ints (c_void_p): ctypes.cast per argument cost more than the small kernels.
 _i64, _f32p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 
@@ -37,7 +70,7 @@ _i64, _f32p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 class PanelWeight:
     """A [n, k] weight repacked for panel_gemm (see csrc/panel_gemm.cpp); `panels` owns the memory."""
 
-    panels: torch.Tensor
+    panels: torch.Tensor  # float32 or bfloat16: the product accumulates in float32 either way
     n: int
     k: int
 
@@ -45,40 +78,47 @@ class PanelWeight:
 class CpuKernels:
     """Typed wrappers over the loaded library; every tensor argument is checked before its pointer is used."""
 
-    def __init__(self, lib: ctypes.CDLL, path: Path):
+    def __init__(self, lib: ctypes.CDLL, path: Path, variant: str):
         self.path = path
-        self._decode = lib.decode_attention_f32
-        self._decode.restype = None
-        self._decode.argtypes = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p,
-                                 _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
+        self.variant = variant
+        decode_args = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p,
+                       _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
+        self._decode = {torch.float32: _fn(lib.decode_attention_f32, decode_args),
+                        torch.bfloat16: _fn(lib.decode_attention_bf16, decode_args)}
         self._argmax = lib.argmax_rows_f32
         self._argmax.restype = None
         self._argmax.argtypes = [_f32p, _i64, _i64, _i64, _i64p, ctypes.c_int]
-        self._rms_norm = lib.rms_norm_f32
-        self._rms_norm.restype = None
-        self._rms_norm.argtypes = [_f32p, _f32p, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
-        self._gelu_mul = lib.gelu_tanh_and_mul_f32
-        self._gelu_mul.restype = None
-        self._gelu_mul.argtypes = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+        self._rms_norm_f32 = _fn(lib.rms_norm_f32, [_f32p, _f32p, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p,
+                                                    ctypes.c_int])
+        self._rms_norm_bf16 = _fn(lib.rms_norm_bf16, [_f32p, _f32p, _i64, _i64, _i64, _i64, ctypes.c_float,
+                                                      ctypes.c_int, _f32p, ctypes.c_int])
+        gelu_args = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+        self._gelu_mul = {torch.float32: _fn(lib.gelu_tanh_and_mul_f32, gelu_args),
+                          torch.bfloat16: _fn(lib.gelu_tanh_and_mul_bf16, gelu_args)}
+        self._to_bf16 = _fn(lib.bf16_from_f32, [_f32p, _i64, _f32p, ctypes.c_int])
         self.panel_width = lib.panel_gemm_width()
-        self._pack = lib.pack_panels_f32
-        self._pack.restype = None
-        self._pack.argtypes = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
-        self._panel_gemm = lib.panel_gemm_f32
-        self._panel_gemm.restype = None
-        self._panel_gemm.argtypes = [_f32p, _i64, _i64, _i64, _f32p, _i64, _f32p, _i64, ctypes.c_int]
+        pack_args = [_f32p, _i64, _i64, _i64, _f32p, ctypes.c_int]
+        self._pack = {torch.float32: _fn(lib.pack_panels_f32, pack_args),
+                      torch.bfloat16: _fn(lib.pack_panels_bf16, pack_args)}
+        gemm_args = [_f32p, _i64, _i64, _i64, _f32p, _i64, _f32p, _i64, ctypes.c_int]
+        self._panel_gemm = {torch.float32: _fn(lib.panel_gemm_f32, gemm_args),
+                            torch.bfloat16: _fn(lib.panel_gemm_bf16w, gemm_args)}
 
     def pack_panels(self, weight: torch.Tensor) -> PanelWeight:
-        """Repack a CPU float32 weight [n, k] (rows contiguous) for panel_gemm; the source can then be freed."""
-        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.stride(1) != 1:
-            raise ValueError("pack_panels: weight must be a 2-D CPU float32 tensor with contiguous rows")
+        """Repack a CPU float32 or bf16 weight [n, k] (rows contiguous) for panel_gemm, keeping its dtype; the
+        source can then be freed."""
+        if weight.dim() != 2 or weight.dtype not in self._pack or weight.device.type != "cpu" or weight.stride(1) != 1:
+            raise ValueError("pack_panels: weight must be a 2-D CPU float32/bfloat16 tensor with contiguous rows")
         n, k = weight.shape
-        panels = torch.empty(-(-n // self.panel_width) * k * self.panel_width, dtype=torch.float32)
-        self._pack(weight.data_ptr(), n, k, weight.stride(0), panels.data_ptr(), torch.get_num_threads())
+        panels = torch.empty(-(-n // self.panel_width) * k * self.panel_width, dtype=weight.dtype)
+        self._pack[weight.dtype](weight.data_ptr(), n, k, weight.stride(0), panels.data_ptr(), torch.get_num_threads())
         return PanelWeight(panels, n, k)
 
     def panel_gemm(self, x: torch.Tensor, weight: PanelWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., k] @ W.T -> [..., n] in float32, written into `out` ([rows, n], rows contiguous) when given."""
+        """x [..., k] @ W.T -> [..., n] in float32, written into `out` ([rows, n], rows contiguous) when given.
+        A bf16 x is widened to float32 first (exact); products accumulate in float32 for either weight dtype."""
+        if x.dtype == torch.bfloat16:
+            x = x.float()
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != weight.k:
             raise ValueError(f"panel_gemm: x must be CPU float32 [..., {weight.k}], got {x.dtype} {tuple(x.shape)}")
         rows = x.numel() // weight.k if weight.k else math.prod(x.shape[:-1])
@@ -89,31 +129,45 @@ class CpuKernels:
             out = torch.empty((rows, weight.n), dtype=torch.float32)
         elif out.shape != (rows, weight.n) or out.dtype != torch.float32 or out.device.type != "cpu" or out.stride(1) != 1:
             raise ValueError(f"panel_gemm: out must be CPU float32 [{rows}, {weight.n}] with contiguous rows")
-        self._panel_gemm(x2.data_ptr(), rows, weight.k, x2.stride(0), weight.panels.data_ptr(), weight.n,
+        self._panel_gemm[weight.panels.dtype](x2.data_ptr(), rows, weight.k, x2.stride(0), weight.panels.data_ptr(), weight.n,
                          out.data_ptr(), out.stride(0), torch.get_num_threads())
         return out.view(*x.shape[:-1], weight.n)
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (weight already holds any offset)."""
+    def to_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU float32 tensor rounded to bf16 (nearest even, as .to(torch.bfloat16)), in parallel."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError("to_bf16: x must be a CPU float32 tensor")
+        src = x.contiguous()
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        self._to_bf16(src.data_ptr(), src.numel(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, round_first: bool = False) -> torch.Tensor:
+        """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (weight: float32, already holding any
+        offset), computed in float32 for a float32 or bf16 x and returned in x's dtype. round_first (bf16 only):
+        round the normalised x to bf16 before the weight multiplies it (Llama's order; Gemma's is float32)."""
         n = x.shape[-1]
-        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape != (n,) or weight.dtype != torch.float32 \
-                or not weight.is_contiguous():
-            raise ValueError(f"rms_norm: needs CPU float32 x [..., {n}] and weight [{n}]")
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or weight.shape != (n,) \
+                or weight.dtype != torch.float32 or not weight.is_contiguous():
+            raise ValueError(f"rms_norm: needs CPU float32/bfloat16 x [..., {n}] and float32 weight [{n}]")
         x2 = x.reshape(-1, n)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape, dtype=torch.float32)
-        self._rms_norm(x2.data_ptr(), weight.data_ptr(), x2.shape[0], n, x2.stride(0), n, eps, out.data_ptr(),
-                       torch.get_num_threads())
+        out = torch.empty(x2.shape, dtype=x.dtype)
+        args = (x2.data_ptr(), weight.data_ptr(), x2.shape[0], n, x2.stride(0), n, eps)
+        if x.dtype == torch.float32:
+            self._rms_norm_f32(*args, out.data_ptr(), torch.get_num_threads())
+        else:
+            self._rms_norm_bf16(*args, int(round_first), out.data_ptr(), torch.get_num_threads())
         return out.view(x.shape)
 
     def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, 2n] = [gate | up] -> gelu(gate, approximate="tanh") * up, [T, n]."""
-        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] % 2 or x.stride(1) != 1:
-            raise ValueError("gelu_tanh_and_mul: x must be a 2-D CPU float32 [T, 2n] tensor with contiguous rows")
+        """[T, 2n] = [gate | up] -> gelu(gate, approximate="tanh") * up, [T, n], float32 or bf16 (in x's dtype)."""
+        if x.dim() != 2 or x.dtype not in self._gelu_mul or x.device.type != "cpu" or x.shape[1] % 2 or x.stride(1) != 1:
+            raise ValueError("gelu_tanh_and_mul: x must be a 2-D CPU float32/bfloat16 [T, 2n] tensor with contiguous rows")
         n = x.shape[1] // 2
-        out = torch.empty((x.shape[0], n), dtype=torch.float32)
-        self._gelu_mul(x.data_ptr(), x.shape[0], n, x.stride(0), out.data_ptr(), torch.get_num_threads())
+        out = torch.empty((x.shape[0], n), dtype=x.dtype)
+        self._gelu_mul[x.dtype](x.data_ptr(), x.shape[0], n, x.stride(0), out.data_ptr(), torch.get_num_threads())
         return out
 
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,44 +181,82 @@ class CpuKernels:
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          blocks: torch.Tensor, first_pos: torch.Tensor, lo: torch.Tensor, ctx: torch.Tensor,
                          scale: float) -> torch.Tensor:
-        """q [B, Hq, D] -> [B, Hq, D]; sequence b attends to positions lo[b] <= p < ctx[b], found in
-        blocks[b, (p - first_pos[b]) // block_size] of the [N, block_size, Hkv, D] caches."""
+        """q [B, Hq, D] -> [B, Hq, D] float32; sequence b attends to positions lo[b] <= p < ctx[b], found in
+        blocks[b, (p - first_pos[b]) // block_size] of the [N, block_size, Hkv, D] caches (float32 or bf16)."""
         bsz, num_heads, head_dim = q.shape
         num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
         if cache_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
             raise ValueError(f"decode_attention: shapes q {tuple(q.shape)} / cache {tuple(k_cache.shape)} disagree")
-        for name, t, dtype in (("q", q, torch.float32), ("k_cache", k_cache, torch.float32),
-                               ("v_cache", v_cache, torch.float32), ("blocks", blocks, torch.int64),
+        cache_dtype = k_cache.dtype if k_cache.dtype in self._decode else torch.float32
+        for name, t, dtype in (("q", q, torch.float32), ("k_cache", k_cache, cache_dtype),
+                               ("v_cache", v_cache, cache_dtype), ("blocks", blocks, torch.int64),
                                ("first_pos", first_pos, torch.int64), ("lo", lo, torch.int64), ("ctx", ctx, torch.int64)):
             if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError(f"decode_attention: {name} must be a contiguous CPU {dtype} tensor")
         if blocks.dim() != 2 or blocks.shape[0] != bsz or not (first_pos.numel() == lo.numel() == ctx.numel() == bsz):
             raise ValueError("decode_attention: blocks must be [B, nb] and first_pos/lo/ctx [B]")
         out = torch.empty_like(q)
-        self._decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(),
+        self._decode[cache_dtype](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(),
                      blocks.shape[1], first_pos.data_ptr(), lo.data_ptr(), ctx.data_ptr(),
                      bsz, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(),
                      torch.get_num_threads())
         return out
 
 
-def load_cpu_kernels() -> CpuKernels | None:
-    """Build (once per machine) and load the native kernels; None when disabled or unavailable."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+def _fn(f, argtypes: list) -> ctypes._CFuncPtr:
+    f.restype = None
+    f.argtypes = argtypes
+    return f
+
+
+def variants_for(cpu: CpuFeatures) -> list[Variant]:
+    """The variants this CPU can run, widest first (x86: avx512 / avx2 / base; elsewhere: native)."""
+    if cpu.machine not in ("x86_64", "amd64", "i686", "i386"):
+        return [NATIVE_VARIANT]
+    return [v for v in X86_VARIANTS if v.runs_on(cpu)]
+
+
+def load_cpu_kernels(variant: str | None = None) -> CpuKernels | None:
+    """Build (once per machine and variant) and load the native kernels; None when disabled or unavailable.
+
+    variant None: TOKENMILL_CPU_KERNELS names one (or 0/off disables), else the widest this CPU runs. A named
+    variant that this CPU cannot execute is refused (ValueError), never loaded."""
+    setting = os.environ.get(ENV_VAR, "1").strip().lower()
+    if variant is None and setting in ("0", "false", "no", "off"):
         return None
+    if variant is None and setting not in ("1", "true", "yes", "on", "auto", ""):
+        variant = setting
+    runnable = variants_for(host_cpu_features())
+    if variant is None:
+        chosen = runnable
+    else:
+        chosen = [v for v in runnable if v.name == variant]
+        if not chosen:
+            raise ValueError(f"{ENV_VAR}={variant!r}: this CPU runs the variants {[v.name for v in runnable]} "
+                             "(or 0 to disable the native kernels)")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         logger.info("native CPU kernels disabled: no C++ compiler (g++/c++/clang++) found; using PyTorch paths")
         return None
+    for v in chosen:  # a compiler too old for an -march level falls through to the next narrower variant
+        kernels = _build_and_load(compiler, v)
+        if kernels is not None:
+            return kernels
+    return None
+
+
+def _build_and_load(compiler: str, variant: Variant) -> CpuKernels | None:
     from tokenmill.model.cache_dir import get_or_build
 
-    key = hashlib.sha256(b"|".join([*(src.read_bytes() for src in _SOURCES + _HEADERS), compiler.encode(), _compiler_version(compiler), " ".join(_FLAGS).encode(),
+    flags = [*_FLAGS, *variant.march]
+    key = hashlib.sha256(b"|".join([*(src.read_bytes() for src in _SOURCES + _HEADERS), compiler.encode(),
+                                    _compiler_version(compiler), " ".join(flags).encode(), variant.name.encode(),
                                     _cpu_signature().encode()])).hexdigest()
 
     def build(tmp: Path) -> None:
         # Without OpenMP (e.g. Apple clang) the pragmas are ignored: same results, one thread per kernel.
-        for flags in (_FLAGS, [f for f in _FLAGS if f != "-fopenmp"]):
-            cmd = [compiler, *flags, *map(str, _SOURCES), "-o", str(tmp / "libtokenmill_cpu.so")]
+        for fl in (flags, [f for f in flags if f != "-fopenmp"]):
+            cmd = [compiler, *fl, *map(str, _SOURCES), "-o", str(tmp / "libtokenmill_cpu.so")]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 return
@@ -175,9 +267,9 @@ def load_cpu_kernels() -> CpuKernels | None:
         lib = ctypes.CDLL(str(path))
         if lib.tokenmill_kernels_abi_version() != _ABI_VERSION:
             raise RuntimeError(f"{path}: ABI version mismatch")
-        return CpuKernels(lib, path)
+        return CpuKernels(lib, path, variant.name)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("native CPU kernels unavailable (%s); using PyTorch paths", exc)
+        logger.warning("native CPU kernels unavailable (%s build: %s); using PyTorch paths", variant.name, exc)
         return None
 
 
@@ -189,7 +281,9 @@ def _compiler_version(compiler: str) -> bytes:
 
 
 def _cpu_signature() -> str:
-    """-march=native output is only valid on the same kind of CPU: key the cache on its feature flags."""
+    """The CPU's feature flags: a cache directory shared between machines builds once per kind of CPU (the
+    variant's explicit -march already keeps a library off CPUs without its instructions; the native variant
+    and -mtune choices are only valid on the CPU that built them)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

@@ -1,7 +1,7 @@
 """Fast paged attention in PyTorch: batched decodes, one SDPA per prefill chunk.
 
-Decodes (sequences with one query token) run the native CPU kernel when it is loaded (float32 on CPU: it
-reads each visible K/V slot once, straight from the cache blocks); otherwise they gather their K/V whole
+Decodes (sequences with one query token) run the native CPU kernel when it is loaded (float32 or bf16
+caches on CPU: it reads each visible K/V slot once, straight from the cache blocks); otherwise they gather their K/V whole
 blocks at a time into a padded [B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call
 over strided views (no transpose copies; GQA handled by SDPA). A prefill chunk that starts at position 0
 attends to its own fresh K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit
@@ -37,8 +37,9 @@ def paged_attention(
     if plan.decode_token_idx is not None:
         qd = q if plan.decode_is_all else q.index_select(0, plan.decode_token_idx)
         if cpu_kernels is not None and _native_ok(qd, k_cache):
-            dec_out = cpu_kernels.decode_attention(qd.contiguous(), k_cache, v_cache, plan.decode_blocks,
-                                                   plan.decode_first_pos, plan.decode_lo, plan.decode_ctx, scale)
+            dec_out = cpu_kernels.decode_attention(qd.float().contiguous(), k_cache, v_cache, plan.decode_blocks,
+                                                   plan.decode_first_pos, plan.decode_lo, plan.decode_ctx,
+                                                   scale).to(q.dtype)
         else:
             dec_out = _decode_sdpa(qd, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
         if plan.decode_is_all:
@@ -67,15 +68,20 @@ def paged_attention(
             out.index_copy_(0, idx, o)
     for p in plan.prefills:
         qs = q[p.q_lo : p.q_hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        ks = _gather_blocks(k_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        vs = _gather_blocks(v_cache, p.key_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        ks = _gather_blocks(k_cache, p.key_blocks, q.dtype).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        vs = _gather_blocks(v_cache, p.key_blocks, q.dtype).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=group > 1)
         out[p.q_lo : p.q_hi] = o.squeeze(0).transpose(0, 1)
     return out
 
 
 def _native_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+    """The native kernel reads float32 or bf16 caches (queries of either dtype, widened to float32)."""
+    return (q.device.type == "cpu" and q.dtype in _NATIVE_DTYPES and k_cache.dtype in _NATIVE_DTYPES
+            and k_cache.is_contiguous())
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
@@ -83,8 +89,8 @@ def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Decodes in PyTorch: gather whole blocks into a padded [B, L, Hkv, D] batch, one masked SDPA."""
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    keys = _gather_blocks(k_cache, blocks).view(bsz, -1, num_kv_heads, head_dim)
-    vals = _gather_blocks(v_cache, blocks).view(bsz, -1, num_kv_heads, head_dim)
+    keys = _gather_blocks(k_cache, blocks, q.dtype).view(bsz, -1, num_kv_heads, head_dim)
+    vals = _gather_blocks(v_cache, blocks, q.dtype).view(bsz, -1, num_kv_heads, head_dim)
     # SDPA reads the strided [B, Hkv, L, D] views directly (no transpose copies) and handles GQA.
     return F.scaled_dot_product_attention(
         q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale,
@@ -98,7 +104,8 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Rows of whole blocks: index_select on a 2-D view copies each block as one contiguous chunk."""
-    flat = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of whole blocks: index_select on a 2-D view copies each block as one contiguous chunk; a cache
+    stored in another dtype than the queries (--kv-cache-dtype) is converted on the gathered copy."""
+    flat = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1)).to(dtype)
     return flat.view(*blocks.shape, *cache.shape[1:])

@@ -5,13 +5,14 @@
 // blocks into a padded copy, then attends over it: three passes over memory instead of one).
 // Oracle: tokenmill/kernels/reference.py (tests/model/test_cpu_kernels.py compares the two).
 //
-// Layouts (all float32, C-contiguous):
+// Layouts (C-contiguous; q and out float32, the caches float32 or bf16: decode_attention_f32 / _bf16):
 //   q        [B, Hq, D]           out [B, Hq, D]
 //   k_cache  [N, bs, Hkv, D]      v_cache the same
 //   blocks   [B, nb] int64        block ids; blocks[b][j] holds positions first_pos[b] + j*bs .. + bs-1
 //   first_pos, lo, ctx [B] int64  sequence b sees keys at positions lo[b] <= p < ctx[b]
 // Work is split over (sequence, kv head) pairs with OpenMP; the query heads of one GQA group share each
-// key/value load. Softmax is two-pass (scores, then max / exp / sum), in float32 like SDPA on CPU.
+// key/value load. Softmax is two-pass (scores, then max / exp / sum), in float32 like SDPA on CPU; bf16
+// cache rows are widened to float32 as they are loaded (half the bytes read, the same float32 math).
 
 #include <cmath>
 #include <cstdint>
@@ -47,22 +48,7 @@ inline float hsum8(v8f v) {  // a log tree: 8 lane-by-lane extracts and adds cos
 #endif
 }
 
-// Four independent accumulators: a single one makes the loop wait on each add's latency.
-inline float dot(const float* a, const float* b, int64_t n) {
-  v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
-    s2 += load8(a + i + 16) * load8(b + i + 16);
-    s3 += load8(a + i + 24) * load8(b + i + 24);
-  }
-  for (; i + 8 <= n; i += 8) s0 += load8(a + i) * load8(b + i);
-  float s = hsum8((s0 + s1) + (s2 + s3));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
+using tokenmill::bf16;
 using tokenmill::kW;
 using tokenmill::loadw;
 using tokenmill::storew;
@@ -137,23 +123,23 @@ inline void softmax_inplace(float* x, int64_t n) {
   for (i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// Ask for the n floats at p ahead of use: K/V slots of one sequence sit in scattered blocks, which the
-// hardware prefetcher does not follow across block boundaries.
-inline void prefetch(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
-}
+// K/V slots of one sequence sit in scattered blocks, which the hardware prefetcher does not follow across
+// block boundaries: the loops below prefetch (tokenmill::prefetch) the next slot or run themselves.
+using tokenmill::prefetch;
+using tokenmill::store_f32;
+using tokenmill::to_f32;
 
 // Calls f(i, row) for positions p0 <= p < p1 of one sequence (i = p - p0), where row points at the D
 // floats of head offset `head` in the slot holding position p; walks block by block (no per-slot division)
 // and prefetches the slot `ahead` positions later.
-template <typename F>
-inline void for_each_slot(const float* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
+template <typename T, typename F>
+inline void for_each_slot(const T* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
                           int64_t bs, int64_t block_stride, int64_t token_stride, int64_t head, int64_t D, F f) {
   const int64_t ahead = 2;
   int64_t p = p0;
   while (p < p1) {
     const int64_t rel = p - first_pos, j = rel / bs;
-    const float* block = cache + table[j] * block_stride + head;
+    const T* block = cache + table[j] * block_stride + head;
     const int64_t t_end = (p1 - first_pos) - j * bs < bs ? (p1 - first_pos) - j * bs : bs;
     for (int64_t t = rel - j * bs; t < t_end; ++t, ++p) {
       const int64_t t_next = t + ahead;
@@ -171,14 +157,14 @@ inline void for_each_slot(const float* cache, const int64_t* table, int64_t firs
 // at head offset `head` of the first slot of the run (later slots follow every token_stride floats), i is the
 // run's first index (p - p0) and next the first slot of the following run (nullptr after the last), which f
 // prefetches while it works: runs sit in scattered blocks that the hardware prefetcher does not follow.
-template <typename F>
-inline void for_each_run(const float* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
+template <typename T, typename F>
+inline void for_each_run(const T* cache, const int64_t* table, int64_t first_pos, int64_t p0, int64_t p1,
                          int64_t bs, int64_t block_stride, int64_t token_stride, int64_t head, F f) {
   int64_t p = p0;
   while (p < p1) {
     const int64_t rel = p - first_pos, j = rel / bs, t = rel - j * bs;
     const int64_t n = bs - t < p1 - p ? bs - t : p1 - p;
-    const float* next = p + n < p1 ? cache + table[j + 1] * block_stride + head : nullptr;
+    const T* next = p + n < p1 ? cache + table[j + 1] * block_stride + head : nullptr;
     f(p - p0, cache + table[j] * block_stride + t * token_stride + head, n, next);
     p += n;
   }
@@ -186,14 +172,13 @@ inline void for_each_run(const float* cache, const int64_t* table, int64_t first
 
 // acc[g][:] += sum_t w[g][i0 + t] * rows[t][:] for GN heads (g stride D in acc, L in w): column tiles of two
 // vectors, the 2 * GN accumulators of a tile stay in registers across the run.
-template <int GN>
-inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, const float* rows,
-                           int64_t stride, int64_t n, int64_t D, const float* next) {
+template <int GN, typename T>
+inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, const T* rows,
+                           int64_t stride, int64_t n, int64_t D, const T* next) {
   int64_t d = 0;
   for (; d + 2 * kW <= D; d += 2 * kW) {
     if (next != nullptr) {  // the same lines of the next run's rows (as many rows as this run: a guess)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t l = 0; l < 2 * kW; l += 16) __builtin_prefetch(next + t * stride + d + l);
+      for (int64_t t = 0; t < n; ++t) prefetch(next + t * stride + d, 2 * kW);
     }
     vw a[GN], b[GN];
     for (int g = 0; g < GN; ++g) {
@@ -215,15 +200,15 @@ inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, co
   }
   for (; d < D; ++d) {
     for (int64_t t = 0; t < n; ++t) {
-      for (int g = 0; g < GN; ++g) acc[g * D + d] += w[g * L + i0 + t] * rows[t * stride + d];
+      for (int g = 0; g < GN; ++g) acc[g * D + d] += w[g * L + i0 + t] * to_f32(rows[t * stride + d]);
     }
   }
 }
 
 // s[g * L + i] = scale * dot(q[g], k) for GN query heads sharing one key row: each key vector is loaded once
 // for all of them, two accumulators per head.
-template <int GN>
-inline void score_heads(float* s, int64_t L, int64_t i, const float* q, const float* k, int64_t D, float scale) {
+template <int GN, typename T>
+inline void score_heads(float* s, int64_t L, int64_t i, const float* q, const T* k, int64_t D, float scale) {
   vw a[GN], b[GN];
   for (int g = 0; g < GN; ++g) a[g] = b[g] = vw{};
   int64_t d = 0;
@@ -236,12 +221,13 @@ inline void score_heads(float* s, int64_t L, int64_t i, const float* q, const fl
   }
   for (int g = 0; g < GN; ++g) {
     float r = hsumw(a[g] + b[g]);
-    for (int64_t e = d; e < D; ++e) r += q[g * D + e] * k[e];
+    for (int64_t e = d; e < D; ++e) r += q[g * D + e] * to_f32(k[e]);
     s[g * L + i] = r * scale;
   }
 }
 
-inline void score_all_heads(float* s, int64_t L, int64_t G, int64_t i, const float* q, const float* k, int64_t D,
+template <typename T>
+inline void score_all_heads(float* s, int64_t L, int64_t G, int64_t i, const float* q, const T* k, int64_t D,
                             float scale) {
   int64_t g = 0;
   for (; g + 4 <= G; g += 4) score_heads<4>(s + g * L, L, i, q + g * D, k, D, scale);
@@ -253,8 +239,9 @@ inline void score_all_heads(float* s, int64_t L, int64_t G, int64_t i, const flo
   }
 }
 
-inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, int64_t i0, const float* rows,
-                             int64_t stride, int64_t n, int64_t D, const float* next) {
+template <typename T>
+inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, int64_t i0, const T* rows,
+                             int64_t stride, int64_t n, int64_t D, const T* next) {
   int64_t g = 0;
   for (; g + 4 <= G; g += 4, next = nullptr)  // prefetch once, with the first group of heads
     accumulate_run<4>(acc + g * D, w + g * L, L, i0, rows, stride, n, D, next);
@@ -266,16 +253,11 @@ inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, i
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-int tokenmill_kernels_abi_version() { return 2; }
-
-void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
-                          int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx,
-                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out,
-                          int num_threads) {
+template <typename T>
+void decode_attention(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks,
+                      int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx,
+                      int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out,
+                      int num_threads) {
   const int64_t G = Hq / Hkv;
   const int64_t token_stride = Hkv * D;  // floats between consecutive slots of one block
   const int64_t block_stride = bs * token_stride;
@@ -296,18 +278,108 @@ void decode_attention_f32(const float* q, const float* k_cache, const float* v_c
       scores.resize(G * L);
       const int64_t* table = blocks + b * nb;
       for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
-                    [&](int64_t i, const float* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
+                    [&](int64_t i, const T* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
       for (int64_t g = 0; g < G; ++g) {
         softmax_inplace(scores.data() + g * L, L);
       }
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
       for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
-                   [&](int64_t i, const float* rows, int64_t n, const float* next) {
+                   [&](int64_t i, const T* rows, int64_t n, const T* next) {
                      accumulate_heads(acc.data(), scores.data(), L, G, i, rows, token_stride, n, D, next);
                    });
       for (int64_t i = 0; i < G * D; ++i) ob[i] = acc[i];
     }
   }
+}
+
+// rms_norm_rows: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of n elements (row strides ldx, ldo),
+// in float32 whatever T is. w already includes any offset (Gemma stores weight - 1). round_first (bf16 Llama
+// style, `w * x_normed.to(bf16)`) rounds the normalised value to T before the weight multiplies it; Gemma
+// multiplies in float32 first. One read of x, one write of out, per row.
+template <typename T>
+void rms_norm_rows(const T* x, const float* w, int64_t rows, int64_t n, int64_t ldx, int64_t ldo, float eps,
+                   int round_first, T* out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    T* orow = out + r * ldo;
+    vw s0 = {}, s1 = {};
+    int64_t i = 0;
+    for (; i + 2 * kW <= n; i += 2 * kW) {
+      const vw a = loadw(xr + i), b = loadw(xr + i + kW);
+      s0 += a * a;
+      s1 += b * b;
+    }
+    for (; i + kW <= n; i += kW) {
+      const vw a = loadw(xr + i);
+      s0 += a * a;
+    }
+    float ss = hsumw(s0 + s1);
+    for (; i < n; ++i) ss += to_f32(xr[i]) * to_f32(xr[i]);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (i = 0; i + kW <= n; i += kW) {
+      vw v = loadw(xr + i) * inv;
+      if (round_first) {
+        storew(orow + i, v);
+        v = loadw(orow + i);
+      }
+      storew(orow + i, v * loadw(w + i));
+    }
+    for (; i < n; ++i) {
+      float v = to_f32(xr[i]) * inv;
+      if (round_first) {
+        store_f32(orow + i, v);
+        v = to_f32(orow[i]);
+      }
+      store_f32(orow + i, v * w[i]);
+    }
+  }
+}
+
+// gelu_and_mul_rows: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up,
+// in float32; for bf16 the gelu is rounded to bf16 before the product, as torch's two bf16 ops do.
+template <typename T>
+void gelu_and_mul_rows(const T* x, int64_t rows, int64_t n, int64_t ldx, T* out, int num_threads) {
+  constexpr int kParts = kW / 8;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = x + r * ldx;
+    const T* u = g + n;
+    T* o = out + r * n;
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      const vw gv = loadw(g + i);
+      v8f parts[kParts];
+      std::memcpy(parts, &gv, sizeof(gv));
+      for (int j = 0; j < kParts; ++j) parts[j] = gelu_tanh8(parts[j]);
+      vw act;
+      std::memcpy(&act, parts, sizeof(act));
+      storew(o + i, act);  // rounds to T (a no-op for float32) ...
+      storew(o + i, loadw(o + i) * loadw(u + i));  // ... before the product, like torch
+    }
+    for (; i < n; ++i) {
+      store_f32(o + i, gelu_tanh1(to_f32(g[i])));
+      store_f32(o + i, to_f32(o[i]) * to_f32(u[i]));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int tokenmill_kernels_abi_version() { return 3; }
+
+void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
+                          int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx, int64_t B,
+                          int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out, int num_threads) {
+  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, lo, ctx, B, Hq, Hkv, D, bs, scale, out, num_threads);
+}
+
+void decode_attention_bf16(const float* q, const bf16* k_cache, const bf16* v_cache, const int64_t* blocks,
+                           int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx, int64_t B,
+                           int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out, int num_threads) {
+  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, lo, ctx, B, Hq, Hkv, D, bs, scale, out, num_threads);
 }
 
 // argmax_rows_f32: out[r] = index of the first maximum of row r of x [rows, cols] (row stride ld), like
@@ -346,33 +418,34 @@ void argmax_rows_f32(const float* x, int64_t rows, int64_t cols, int64_t ld, int
   }
 }
 
-// rms_norm_f32: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of n floats (row strides ldx, ldo).
-// w already includes any offset (Gemma stores weight - 1). One read of x, one write of out, per row.
 void rms_norm_f32(const float* x, const float* w, int64_t rows, int64_t n, int64_t ldx, int64_t ldo, float eps,
                   float* out, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
-    float* orow = out + r * ldo;
-    const float ms = dot(xr, xr, n) / static_cast<float>(n);
-    const float inv = 1.f / std::sqrt(ms + eps);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) store8(orow + i, load8(xr + i) * splat(inv) * load8(w + i));
-    for (; i < n; ++i) orow[i] = xr[i] * inv * w[i];
+  rms_norm_rows(x, w, rows, n, ldx, ldo, eps, 0, out, num_threads);
+}
+
+void rms_norm_bf16(const bf16* x, const float* w, int64_t rows, int64_t n, int64_t ldx, int64_t ldo, float eps,
+                   int round_first, bf16* out, int num_threads) {
+  rms_norm_rows(x, w, rows, n, ldx, ldo, eps, round_first, out, num_threads);
+}
+
+// bf16_from_f32: out[i] = x[i] rounded to bf16 (nearest even; NaN stays NaN), as torch's .to(torch.bfloat16).
+void bf16_from_f32(const float* x, int64_t n, bf16* out, int num_threads) {
+  const int64_t chunks = (n + 4095) / 4096;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (n > 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t hi = c * 4096 + 4096 < n ? c * 4096 + 4096 : n;
+    int64_t i = c * 4096;
+    for (; i + kW <= hi; i += kW) storew(out + i, loadw(x + i));
+    for (; i < hi; ++i) store_f32(out + i, x[i]);
   }
 }
 
-// gelu_tanh_and_mul_f32: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up.
 void gelu_tanh_and_mul_f32(const float* x, int64_t rows, int64_t n, int64_t ldx, float* out, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* g = x + r * ldx;
-    const float* u = g + n;
-    float* o = out + r * n;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) store8(o + i, gelu_tanh8(load8(g + i)) * load8(u + i));
-    for (; i < n; ++i) o[i] = gelu_tanh1(g[i]) * u[i];
-  }
+  gelu_and_mul_rows(x, rows, n, ldx, out, num_threads);
+}
+
+void gelu_tanh_and_mul_bf16(const bf16* x, int64_t rows, int64_t n, int64_t ldx, bf16* out, int num_threads) {
+  gelu_and_mul_rows(x, rows, n, ldx, out, num_threads);
 }
 
 }  // extern "C"

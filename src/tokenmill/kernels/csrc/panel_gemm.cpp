@@ -11,6 +11,10 @@
 //
 // Why not oneDNN/MKL: on the 640 x 262,144 Gemma 3 head (2 threads, AVX-512) oneDNN's prepacked linear
 // reaches 68-170 GFLOP/s at 8-128 rows, this kernel 86-231, MKL column-major 40-139 (benchmarks/lm_head_gemm.py).
+//
+// panel_gemm_bf16w: the same with the panels stored in bf16 (half the bytes streamed per call), widened to
+// float32 as they are loaded; A and C stay float32, so the products accumulate in float32 and the result is
+// float32: a bf16 LM head with float32 logits, and bf16 linears on CPUs without native bf16 arithmetic.
 
 #include <algorithm>
 #include <cstdint>
@@ -21,6 +25,7 @@
 
 namespace {
 
+using tokenmill::bf16;
 using tokenmill::loadw;
 using tokenmill::storew;
 using tokenmill::vw;
@@ -32,18 +37,18 @@ constexpr int MR = 8, NR = 3;  // 24 accumulators + 3 weight vectors + 1 broadca
 constexpr int MR = 6, NR = 2;  // 12 + 2 + 1 of 16 (AVX2 / NEON)
 #endif
 constexpr int kMid = NR > 2 ? 2 : 1;  // the width of a last group of two panels when NR is 3
-constexpr int64_t kLineFloats = 16;  // 64-byte cache line
 
 // R rows (of a packed A tile [K][MR]) x NP panels; stores the first `cols` columns of each row of C.
 // Meanwhile prefetches `npf` lines starting at pf (the next group's weights), spread over the k loop.
-template <int R, int NP>
-inline void microkernel(const float* a, const float* p, int64_t K, float* c, int64_t ldc, int64_t cols,
-                        const float* pf, int64_t npf) {
+template <int R, int NP, typename TW>
+inline void microkernel(const float* a, const TW* p, int64_t K, float* c, int64_t ldc, int64_t cols,
+                        const TW* pf, int64_t npf) {
+  constexpr int64_t kLine = 64 / sizeof(TW);  // elements per cache line
   vw acc[R][NP];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = vw{};
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLineFloats, 0, 2);  // at most NR*PW/16 lines
+    for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLine, 0, 2);  // at most NR*PW/16 lines
     vw w[NP];
     for (int j = 0; j < NP; ++j) w[j] = loadw(p + (j * K + k) * PW);
     for (int i = 0; i < R; ++i) {
@@ -64,39 +69,35 @@ inline void microkernel(const float* a, const float* p, int64_t K, float* c, int
 }
 
 // Dispatch on the number of valid rows r (1..MR) of the last, partial row tile.
-template <int NP, int R = MR>
-inline void tile(int r, const float* a, const float* p, int64_t K, float* c, int64_t ldc, int64_t cols,
-                 const float* pf, int64_t npf) {
+template <int NP, typename TW, int R = MR>
+inline void tile(int r, const float* a, const TW* p, int64_t K, float* c, int64_t ldc, int64_t cols,
+                 const TW* pf, int64_t npf) {
   if constexpr (R >= 1) {
     if (r == R)
       microkernel<R, NP>(a, p, K, c, ldc, cols, pf, npf);
     else
-      tile<NP, R - 1>(r, a, p, K, c, ldc, cols, pf, npf);
+      tile<NP, TW, R - 1>(r, a, p, K, c, ldc, cols, pf, npf);
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-int panel_gemm_width() { return PW; }
-
 // P [ceil(N/PW)][K][PW] <- W [N, K] (row stride ldw), zero-padding the columns past N.
-void pack_panels_f32(const float* w, int64_t n, int64_t k, int64_t ldw, float* p, int num_threads) {
+template <typename TW>
+void pack_panels(const TW* w, int64_t n, int64_t k, int64_t ldw, TW* p, int num_threads) {
   const int64_t panels = (n + PW - 1) / PW;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t q = 0; q < panels; ++q) {
-    float* dst = p + q * k * PW;
+    TW* dst = p + q * k * PW;
     for (int j = 0; j < PW; ++j) {
       const int64_t col = q * PW + j;
-      for (int64_t kk = 0; kk < k; ++kk) dst[kk * PW + j] = col < n ? w[col * ldw + kk] : 0.f;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * PW + j] = col < n ? w[col * ldw + kk] : TW{};
     }
   }
 }
 
-// C [M, N] (row stride ldc) = A [M, K] (row stride lda) @ W^T, W given as pack_panels_f32 output.
-void panel_gemm_f32(const float* a, int64_t m, int64_t k, int64_t lda, const float* p, int64_t n, float* c,
-                    int64_t ldc, int num_threads) {
+// C [M, N] (row stride ldc) = A [M, K] (row stride lda) @ W^T, W given as pack_panels output.
+template <typename TW>
+void panel_gemm(const float* a, int64_t m, int64_t k, int64_t lda, const TW* p, int64_t n, float* c, int64_t ldc,
+                int num_threads) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
@@ -118,13 +119,13 @@ void panel_gemm_f32(const float* a, int64_t m, int64_t k, int64_t lda, const flo
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t q0 = g * NR, np = std::min<int64_t>(NR, panels - q0), c0 = q0 * PW;
       const int64_t cols = std::min<int64_t>(np * PW, n - c0);
-      const float* pg = p + q0 * k * PW;
-      const float* next = pg + np * k * PW;
-      const int64_t next_lines = g + 1 < groups ? std::min<int64_t>(NR, panels - q0 - NR) * k * PW / kLineFloats : 0;
+      const TW* pg = p + q0 * k * PW;
+      const TW* next = pg + np * k * PW;
+      const int64_t next_lines = g + 1 < groups ? std::min<int64_t>(NR, panels - q0 - NR) * k * PW * static_cast<int64_t>(sizeof(TW)) / 64 : 0;
       const int64_t per_tile = (next_lines + tiles - 1) / tiles;
       for (int64_t t = 0; t < tiles; ++t) {
         const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
-        const float* pf = next + t * per_tile * kLineFloats;
+        const TW* pf = next + t * per_tile * (64 / static_cast<int64_t>(sizeof(TW)));
         const int64_t npf = std::max<int64_t>(0, std::min(per_tile, next_lines - t * per_tile));
         const float* at = ap + t * k * MR;
         float* ct = c + t * MR * ldc + c0;
@@ -138,6 +139,30 @@ void panel_gemm_f32(const float* a, int64_t m, int64_t k, int64_t lda, const flo
     }
   }
   std::free(ap);
+}
+
+}  // namespace
+
+extern "C" {
+
+int panel_gemm_width() { return PW; }
+
+void pack_panels_f32(const float* w, int64_t n, int64_t k, int64_t ldw, float* p, int num_threads) {
+  pack_panels(w, n, k, ldw, p, num_threads);
+}
+
+void pack_panels_bf16(const bf16* w, int64_t n, int64_t k, int64_t ldw, bf16* p, int num_threads) {
+  pack_panels(w, n, k, ldw, p, num_threads);
+}
+
+void panel_gemm_f32(const float* a, int64_t m, int64_t k, int64_t lda, const float* p, int64_t n, float* c,
+                    int64_t ldc, int num_threads) {
+  panel_gemm(a, m, k, lda, p, n, c, ldc, num_threads);
+}
+
+void panel_gemm_bf16w(const float* a, int64_t m, int64_t k, int64_t lda, const bf16* p, int64_t n, float* c,
+                      int64_t ldc, int num_threads) {
+  panel_gemm(a, m, k, lda, p, n, c, ldc, num_threads);
 }
 
 }  // extern "C"
