@@ -26,6 +26,7 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory: float | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | float32 | bfloat16
     enable_prefix_caching: bool = True
     # Explicit block count (tests): overrides kv_cache_memory when set.
     num_gpu_blocks_override: int | None = None

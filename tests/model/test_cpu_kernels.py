@@ -169,8 +169,14 @@ def test_native_gelu_tanh_and_mul_bf16_matches_torch_bf16(cpu_kernels, shape):
     act.use_cpu_kernels(cpu_kernels)
     got = act(x)
     assert got.dtype == torch.bfloat16 and not torch.isnan(got.float()).any()
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_ULP, atol=1e-6)
-    assert (got == want).float().mean() > 0.97
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_ULP, atol=1e-5)  # fp32: 1e-5 too
+    # Bit for bit against the exact value rounded as torch's two bf16 ops round (gelu to bf16, then the product;
+    # a product of two bf16 values is exact in float64). The exact gelu is x / (1 + exp(-2u)) in float64: torch's
+    # GELU(tanh), float32 and float64 alike, loses its digits in the negative tail (1 + tanh(u) cancels).
+    gate, up = x.double().chunk(2, dim=-1)
+    u = (2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3)
+    exact = ((gate / (1 + torch.exp(-2 * u))).bfloat16().double() * up).bfloat16()
+    assert (got == exact).float().mean() > 0.995
 
 
 def test_bf16_stores_round_to_nearest_even_like_torch(cpu_kernels):

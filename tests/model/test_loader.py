@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.loader import load_model, resolve_dtype, resolve_max_model_len
+from tokenmill.model.loader import choose_dtype, load_model, resolve_dtype, resolve_max_model_len
 from tokenmill.model.registry import supported_architectures
 
 
@@ -91,14 +91,48 @@ def test_missing_weight_is_named(tiny_llama_dir, tmp_path):
         _load(folder)
 
 
-def test_dtype_resolution():
+AVX2_ONLY = "fpu sse2 avx avx2 fma f16c bmi1 bmi2 movbe abm"
+AVX512 = AVX2_ONLY + " avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni"
+AMX = AVX512 + " avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+def test_dtype_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
-    assert resolve_dtype("auto", cpu, torch.float32) == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int4", cpu)
     assert resolve_max_model_len(None, 128) == 128
+    # auto on CPU follows the CPU's bf16 units, whatever the checkpoint stores (TOKENMILL_CPU_FLAGS stands in
+    # for /proc/cpuinfo, so every CPU kind is checked on whichever one runs the suite)
+    for flags, want in ((AVX2_ONLY, torch.float32), (AVX512, torch.float32), (AMX, torch.bfloat16),
+                        (AVX512 + " avx512_bf16", torch.bfloat16), ("", torch.float32)):
+        monkeypatch.setenv("TOKENMILL_CPU_FLAGS", flags)
+        dtype, reason = choose_dtype("auto", cpu)
+        assert dtype == want, flags
+        assert ("natively" if want == torch.bfloat16 else "no native bf16") in reason
+        assert choose_dtype("float32", cpu) == (torch.float32, "dtype=float32 requested")
+
+
+def test_auto_dtype_is_reported_and_bf16_on_amx_cpus(monkeypatch, tiny_qwen2_dir):
+    """What a user on an AMX machine gets from --dtype auto, down to the KV cache and the served /version."""
+    from tokenmill.executor.model_runner import ModelRunner
+    from tokenmill.config import CacheConfig, EngineConfig
+
+    monkeypatch.setenv("TOKENMILL_CPU_FLAGS", AMX)
+    cfg = EngineConfig(model=ModelConfig(model=str(tiny_qwen2_dir), device="cpu"),
+                       cache=CacheConfig(num_gpu_blocks_override=8))
+    runner = ModelRunner(cfg)
+    info = runner.precision_info()
+    assert info["dtype"] == info["kv_cache_dtype"] == "bfloat16"
+    assert "natively" in info["dtype_reason"] and runner.kv_caches[0][0].dtype == torch.bfloat16
+    monkeypatch.setenv("TOKENMILL_CPU_FLAGS", AVX2_ONLY)
+    runner = ModelRunner(EngineConfig(model=cfg.model, cache=CacheConfig(num_gpu_blocks_override=8,
+                                                                           kv_cache_dtype="bfloat16")))
+    info = runner.precision_info()
+    assert (info["dtype"], info["kv_cache_dtype"]) == ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*auto, float32 or bfloat16"):
+        ModelRunner(EngineConfig(model=cfg.model, cache=CacheConfig(kv_cache_dtype="fp8")))
 
 
 def test_bfloat16_load(tiny_qwen2_dir):

@@ -33,6 +33,7 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
     c = CacheConfig(
         block_size=kw.pop("block_size", None) or 16,
         kv_cache_memory=kw.pop("kv_cache_memory", None),
+        kv_cache_dtype=kw.pop("kv_cache_dtype", None) or "auto",
         enable_prefix_caching=kw.pop("enable_prefix_caching", True),
         num_gpu_blocks_override=kw.pop("num_gpu_blocks_override", None),
     )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.kv_cache_spec import KVCacheGroupSpec
 from tokenmill.sampling_params import SamplingParams
 
+__all__ = ["KVCacheGroupSpec"]  # re-exported: the engine's stage contracts name it
 
 @dataclass(slots=True)
 class SeqSetup:
@@ -69,14 +71,6 @@ class SampledToken:
 @dataclass(slots=True)
 class ModelOutput:
     sampled: list[SampledToken]  # one per ScheduledSeq with sample=True, in the same order
-
-
-@dataclass(slots=True)
-class KVCacheGroupSpec:
-    """Layers that share one block table. sliding_window=None means full attention."""
-
-    layer_ids: list[int]
-    sliding_window: int | None = None
 
 
 NULL_BLOCK_ID = 0  # reserved block, never handed out: placeholder for released sliding-window blocks

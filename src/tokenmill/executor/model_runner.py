@@ -7,6 +7,7 @@ sample, samples, and returns ModelOutput after exactly one host sync (in the sam
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -17,9 +18,12 @@ from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SampledToken
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
+from tokenmill.layers.linear import prepare_linears_for_cpu
 from tokenmill.layers.sampler import Sampler, SeqSamplingState
+from tokenmill.executor.precision import describe_precision, precision_info, resolve_kv_cache_dtype
 from tokenmill.model.loader import LoadedModel, load_model
 
+log = logging.getLogger("tokenmill.executor")
 _GIB = 1 << 30
 _AUTO_KV_FRACTION = 0.25  # of free memory, when kv_cache_memory is None
 _AUTO_KV_CAP_GIB = 4.0
@@ -38,13 +42,17 @@ class ModelRunner:
         self.dtype = self.loaded.dtype
         self.block_size = config.cache.block_size
         self.attn_backend = attn_backend
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.cpu_kernels = None
-        if attn_backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32:
+        if attn_backend == "fast" and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
             self.cpu_kernels = load_cpu_kernels()  # None (PyTorch paths) when no compiler is available
+        if self.device.type == "cpu":
+            prepare_linears_for_cpu(self.model, self.cpu_kernels, final=True)
         if self.cpu_kernels is not None:
             for module in self.model.modules():  # norms and gated activations with a native fast path
                 if hasattr(module, "use_cpu_kernels"):
                     module.use_cpu_kernels(self.cpu_kernels)
+        log.info("%s", describe_precision(self.precision_info()))
         self.sampler = Sampler(self.loaded.vocab_size, self.device, self.cpu_kernels)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.model.seed)
@@ -57,11 +65,15 @@ class ModelRunner:
         if self.loaded.task == "generate":
             self._allocate_kv_cache()
 
+    def precision_info(self) -> dict[str, str | None]:
+        """dtype, why, KV cache dtype, device / CPU and kernel variant: logged at start, shown by /version."""
+        return precision_info(self.loaded, self.kv_dtype, self.cpu_kernels)
+
     # ---- KV cache -------------------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> None:
         self.kv_cache_groups = self.model.kv_cache_groups()
         shapes = self.model.kv_layer_shapes()
-        bs, elsize = self.block_size, torch.empty((), dtype=self.dtype).element_size()
+        bs, elsize = self.block_size, torch.empty((), dtype=self.kv_dtype).element_size()
         if bs < 1:
             raise ValueError(f"invalid block_size={bs}: must be >= 1")
         per_block = [sum(2 * bs * shapes[l][0] * shapes[l][1] * elsize for l in g.layer_ids) for g in self.kv_cache_groups]
@@ -85,8 +97,8 @@ class ModelRunner:
         self.kv_caches = []
         for l, (heads, dim) in enumerate(shapes):
             shape = (self.num_blocks[self.layer_to_group[l]], bs, heads, dim)
-            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+            self.kv_caches.append((torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.kv_dtype, device=self.device)))
 
     def _blocks_per_seq(self, group: KVCacheGroupSpec) -> int:
         full = math.ceil(self.loaded.max_model_len / self.block_size)

@@ -25,11 +25,11 @@ class GeluTanhAndMul(nn.Module):
         self.cpu_kernels: CpuKernels | None = None
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
-        """Float32 CPU inputs go through the native fused kernel (torch's GELU(tanh) is slow on CPU)."""
+        """Float32 / bf16 CPU inputs go through the native fused kernel (torch's GELU(tanh) is slow on CPU)."""
         self.cpu_kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.cpu_kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+        if (self.cpu_kernels is not None and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
                 and x.dim() == 2 and x.stride(1) == 1):
             return self.cpu_kernels.gelu_tanh_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

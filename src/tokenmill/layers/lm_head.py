@@ -4,7 +4,10 @@ It is the widest matmul of a small model (Gemma 3 270M: 640 x 262,144, 62% of de
 read once per step, so its layout is chosen once, on first use:
 - CPU float32 with the native kernels: the weight repacked into column panels for `panel_gemm`
   (csrc/panel_gemm.cpp; 1.1-1.7x oneDNN's prepacked linear at 1-128 rows, benchmarks/lm_head_gemm.py);
-- CPU float32 without them: oneDNN-packed; other CPU dtypes: column-major for MKL; GPUs: the weight as is.
+- CPU bf16 where the CPU multiplies bf16 natively (AMX / AVX512-BF16): oneDNN-packed bf16 (the logits are
+  rounded to bf16 once, then widened to float32, as vLLM's bf16 heads do);
+- CPU bf16 elsewhere with the kernels: bf16 panels, float32 accumulation and float32 logits (half the bytes);
+- CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is.
 An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
 embedding it shares, which the input lookup still needs.
 """
@@ -42,7 +45,9 @@ class LMHead(nn.Module):
         weight = self._source()
         if weight.device.type != "cpu":
             self._project = partial(torch.nn.functional.linear, weight=weight)
-        elif weight.dtype == torch.float32 and kernels is not None:
+        elif weight.dtype == torch.bfloat16 and (packed := try_pack(weight)) is not None:
+            self._project = packed
+        elif weight.dtype in (torch.float32, torch.bfloat16) and kernels is not None:
             self._project = partial(kernels.panel_gemm, weight=kernels.pack_panels(weight.contiguous()))
             self._writes_out = True
         else:

@@ -27,15 +27,17 @@ class RMSNorm(nn.Module):
         self.native_weight: torch.Tensor | None = None  # weight + offset, for the native kernel
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
-        """Route float32 CPU inputs through the native one-pass kernel (called once, after loading)."""
+        """Route float32 / bf16 CPU inputs through the native one-pass kernel (called once, after loading)."""
         usable = kernels is not None and self.weight.device.type == "cpu"
         self.cpu_kernels = kernels if usable else None
         self.native_weight = (self.weight.detach().float() + self.weight_offset).contiguous() if usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if self.cpu_kernels is not None and dtype == torch.float32 and x.device.type == "cpu":
-            return self.cpu_kernels.rms_norm(x, self.native_weight, self.eps)
+        if self.cpu_kernels is not None and dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+            # bf16: the same float32 math and roundings as the formula below, in one pass
+            round_first = dtype == torch.bfloat16 and not self.gemma_style
+            return self.cpu_kernels.rms_norm(x, self.native_weight, self.eps, round_first)
         if dtype == torch.float32 and not self.weight_offset:
             # Same math in one fused op (fewer passes over memory); half dtypes keep the reference rounding.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -91,14 +91,23 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
+        cos, sin = self.cos_sin(positions, _math_dtype(q.dtype))
         return _apply(q, cos, sin), _apply(k, cos, sin)
 
     def apply(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """RoPE on one [T, H, D] tensor (e.g. q and k heads side by side: one pass instead of two)."""
-        cos, sin = self.cos_sin(positions, x.dtype)
+        cos, sin = self.cos_sin(positions, _math_dtype(x.dtype))
         return _apply(x, cos, sin)
 
 
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs rotate in float32 (one rounding at the end instead of three on the way); CPUs
+    have no half-precision arithmetic to save anyway."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    if x.dtype == cos.dtype:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    xf = x.to(cos.dtype)
+    return torch.addcmul(xf * cos, xf.roll(xf.shape[-1] // 2, dims=-1), signed_sin).to(x.dtype)

@@ -23,10 +23,9 @@ from tokenmill.model.gguf_names import build_hf_config, fix_tensor, hf_architect
 from tokenmill.model.gguf_reader import GGUFFile, read_gguf
 from tokenmill.model.gguf_tokenizer import GEMMA_CHAT_TEMPLATE, load_gguf_tokenizer
 from tokenmill.model.hf_folder import build_model, load_tokenizer, resolve_chat_template
-from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
+from tokenmill.model.loader import LoadedModel, choose_dtype, resolve_device, resolve_max_model_len
 from tokenmill.model.registry import resolve_architecture
 
-_GGUF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 # Ids llama.cpp treats as end-of-generation besides EOS, when the file names them.
 _EOG_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
@@ -39,7 +38,7 @@ def load_gguf(cfg: ModelConfig) -> LoadedModel:
     arch, cls = resolve_architecture([hf_architecture(gguf)])
     config = build_hf_config(gguf)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(gguf))
+    dtype, dtype_reason = choose_dtype(cfg.dtype, device)
     # The tokenizer (seconds: a 33 MB tokenizer.json for Gemma) loads in a thread while weights dequantize.
     with ThreadPoolExecutor(max_workers=1) as pool:
         if cfg.tokenizer:
@@ -63,6 +62,7 @@ def load_gguf(cfg: ModelConfig) -> LoadedModel:
         bos_token_id=config.bos_token_id,
         chat_template=template,
         dtype=dtype,
+        dtype_reason=dtype_reason,
         device=device,
         vocab_size=int(config.vocab_size),
         task="generate",
@@ -108,8 +108,3 @@ def _one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _checkpoint_dtype(gguf: GGUFFile) -> torch.dtype | None:
-    types = {info.ggml_type.name for info in gguf.tensors.values() if len(info.shape) == 2}
-    return _GGUF_DTYPES.get(next(iter(types))) if len(types) == 1 else None

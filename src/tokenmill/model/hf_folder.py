@@ -12,7 +12,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.linear import prepare_linears_for_cpu
-from tokenmill.model.loader import LoadedModel, resolve_device, resolve_dtype, resolve_max_model_len
+from tokenmill.model.loader import LoadedModel, choose_dtype, resolve_device, resolve_max_model_len
 from tokenmill.model.registry import resolve_architecture
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
@@ -27,7 +27,7 @@ def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
     arch, cls = resolve_architecture(raw.get("architectures"))
     config = load_config(folder, raw)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(raw))
+    dtype, dtype_reason = choose_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else folder)
     model = build_model(cls, config, dtype, device, iter_safetensors(folder))
     return LoadedModel(
@@ -39,6 +39,7 @@ def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
         bos_token_id=raw.get("bos_token_id", getattr(tokenizer, "bos_token_id", None)),
         chat_template=resolve_chat_template(cfg.chat_template, tokenizer),
         dtype=dtype,
+        dtype_reason=dtype_reason,
         device=device,
         vocab_size=int(config.vocab_size),
         task=getattr(cls, "TASK", "generate"),
@@ -54,11 +55,6 @@ def load_config(folder: Path, raw: dict) -> Any:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, KeyError):
         return SimpleNamespace(**raw)
-
-
-def _checkpoint_dtype(raw: dict) -> torch.dtype | None:
-    name = raw.get("torch_dtype") or raw.get("dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.engine.outputs import KVCacheGroupSpec
+from tokenmill.kv_cache_spec import KVCacheGroupSpec
 from tokenmill.layers.activation import get_act_and_mul
 from tokenmill.layers.attention import Attention, ForwardContext
 from tokenmill.layers.linear import FusedLinear, copy_weight

@@ -24,7 +24,7 @@ from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_completions import create_completion
 from tokenmill.server.serving_embeddings import create_embedding
-from tokenmill.server.serving_tokenize import detokenize, list_models, tokenize
+from tokenmill.server.serving_tokenize import detokenize, list_models, precision, tokenize
 from tokenmill.server.state import ServerState
 
 log = logging.getLogger("tokenmill.server")
@@ -120,7 +120,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @app.get("/version")
     async def version() -> Response:
-        return JSONResponse({"version": tokenmill.__version__})
+        return JSONResponse({"version": tokenmill.__version__, **precision(state)})
 
     @app.get("/metrics")
     async def metrics() -> Response:

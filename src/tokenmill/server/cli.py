@@ -35,7 +35,10 @@ def serve_command(
     max_num_batched_tokens: Annotated[int, typer.Option(
         help="Token budget per engine step (long prompts are prefilled in chunks of this).")] = _S.max_num_batched_tokens,
     dtype: Annotated[str, typer.Option(
-        help="auto | float32 | bfloat16 | float16. auto: float32 on CPUs without fast bf16.")] = "auto",
+        help="auto | float32 | bfloat16 | float16. auto: bf16 on CPUs that multiply bf16 natively (AMX, "
+             "AVX512-BF16) and on CUDA, float32 on other CPUs. float32 matches transformers exactly.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(
+        help="auto | float32 | bfloat16. auto: the model dtype. bfloat16 halves KV memory and bandwidth.")] = _C.kv_cache_dtype,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     chat_template: Annotated[str | None, typer.Option(
         help="Jinja chat template (a file path or the template text) overriding the model's own.")] = None,
@@ -63,7 +66,7 @@ def serve_command(
     engine_config = EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
                           served_model_name=served_model_name, chat_template=template, seed=seed),
-        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=scheduling_policy),

@@ -38,9 +38,20 @@ async def detokenize(state: ServerState, request: Request) -> Response:
     return JSONResponse({"prompt": state.engine.tokenizer.decode(body.tokens)})
 
 
+PRECISION_KEYS = ("dtype", "dtype_reason", "kv_cache_dtype", "device", "cpu", "cpu_kernels")
+
+
+def precision(state: ServerState) -> dict:
+    """The engine's numeric choices (see executor/precision.py); empty until the model has loaded."""
+    extra = state.engine.model_info.extra if state.engine is not None else {}
+    return {k: extra[k] for k in PRECISION_KEYS if k in extra}
+
+
 def list_models(state: ServerState) -> Response:
     max_len = state.engine.model_info.max_model_len if state.engine is not None else None
+    meta = precision(state)
     data = [{"id": name, "object": "model", "created": state.created, "owned_by": "tokenmill",
-             "root": state.engine_config.model.model or name, "parent": None, "max_model_len": max_len}
+             "root": state.engine_config.model.model or name, "parent": None, "max_model_len": max_len,
+             **({"metadata": meta} if meta else {})}
             for name in state.served_model_names]
     return JSONResponse({"object": "list", "data": data})

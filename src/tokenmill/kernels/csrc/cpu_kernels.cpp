@@ -89,18 +89,19 @@ inline v8f exp8(v8f x) {
   return y * (v8f)bits;
 }
 
-// gelu with the tanh approximation in torch's form, 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
-// with tanh(u) = 1 - 2 / (exp(2u) + 1): the same cancellations as torch's kernel, so the two agree to a few
-// ulp of the largest term; torch's own GELU(tanh) CPU kernel runs several times slower than this.
+// gelu with the tanh approximation, 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as
+// x / (1 + exp(-2u)) (the same function): no cancellation in the negative tail, where 1 + tanh(u) lost all
+// its digits (relative errors up to 100% below x = -4, enough to flip bf16 roundings); torch's own GELU(tanh)
+// CPU kernel runs several times slower than this.
 inline v8f gelu_tanh8(v8f x) {
-  const v8f u = splat(0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);
-  const v8f t = splat(1.f) - splat(2.f) / (exp8(splat(2.f) * u) + splat(1.f));
-  return splat(0.5f) * x * (splat(1.f) + t);
+  const v8f t = splat(-2.f * 0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);  // -2u
+  const v8f y = x / (splat(1.f) + exp8(t));
+  return t > splat(88.f) ? splat(0.f) * x : y;  // past exp8's clamp the true value is below any float
 }
 
 inline float gelu_tanh1(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (1.f + std::tanh(u));
+  const float t = -2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.f + std::exp(t));  // exp overflows to inf for t > 88: x / inf = (-)0, as in the vector form
 }
 
 // x[0:n] = softmax(x[0:n]), the exponentials 8 lanes at a time.
