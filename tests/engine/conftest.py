@@ -50,4 +50,4 @@ def llama_llm(tiny_llama_dir):
     """A shared default engine for tests that do not need special engine arguments."""
     from tokenmill import LLM
 
-    return LLM(str(tiny_llama_dir), block_size=4, num_gpu_blocks_override=256, max_model_len=256, seed=0)
+    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_gpu_blocks_override=256, max_model_len=256, seed=0)

@@ -35,26 +35,26 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_transformers(case, tiny_llama_dir, llama_ref):
-    llm = LLM(str(tiny_llama_dir), max_model_len=256, num_gpu_blocks_override=512 if "bs1" in case else 64,
+    llm = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=256, num_gpu_blocks_override=512 if "bs1" in case else 64,
               **CASES[case])
     _check(llm, llama_ref, _prompts(1, [3, 17, 40, 9, 28]))
 
 
 def test_greedy_matches_transformers_qwen2(tiny_qwen2_dir, qwen2_ref):
-    llm = LLM(str(tiny_qwen2_dir), max_model_len=256, block_size=8, max_num_batched_tokens=32)
+    llm = LLM(str(tiny_qwen2_dir), dtype="float32", max_model_len=256, block_size=8, max_num_batched_tokens=32)
     _check(llm, qwen2_ref, _prompts(2, [5, 33, 12]))
 
 
 def test_greedy_under_forced_preemption(tiny_llama_dir, llama_ref):
     # 5 sequences of up to 50 tokens need ~60 blocks of 4; 20 blocks force preemption by recompute
-    llm = LLM(str(tiny_llama_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=20,
+    llm = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=20,
               max_num_batched_tokens=64)
     _check(llm, llama_ref, _prompts(3, [30, 12, 25, 40, 18]))
     assert llm.engine.stats().num_preemptions > 0
 
 
 def test_greedy_with_prefix_cache_hits(tiny_llama_dir, llama_ref):
-    llm = LLM(str(tiny_llama_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=128)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=128)
     prompts = _prompts(4, [3, 9, 14, 1], prefix_len=21)
     _check(llm, llama_ref, prompts[:1])  # warms the cache with the shared prefix
     hits_before = llm.engine.stats().prefix_cache_hits
@@ -70,7 +70,7 @@ def test_greedy_sliding_window_gemma3(tiny_gemma3_dir):
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3_dir), dtype=torch.float32).eval()
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=24,
+    llm = LLM(str(tiny_gemma3_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=24,
               max_num_batched_tokens=16)
     assert any(g.sliding_window for g in llm.runner.kv_cache_groups)
     prompts = _prompts(5, [30, 7, 22], prefix_len=12)
@@ -102,7 +102,7 @@ def test_gemma3_sliding_group_holds_only_window_blocks(tiny_gemma3_dir):
     from tokenmill.engine.outputs import NULL_BLOCK_ID
     from tokenmill.engine.request import EngineCoreRequest
 
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=64)
+    llm = LLM(str(tiny_gemma3_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=64)
     core = llm.engine
     groups = llm.runner.kv_cache_groups
     gi = next(i for i, g in enumerate(groups) if g.sliding_window)

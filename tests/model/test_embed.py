@@ -20,7 +20,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def embed_llm(minilm_dir):
-    return LLM(str(minilm_dir), task="embed")
+    return LLM(str(minilm_dir), dtype="float32", task="embed")
 
 
 def _reference(minilm_dir, sentences: list[str]) -> torch.Tensor:

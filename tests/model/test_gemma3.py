@@ -49,7 +49,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_transformers(case, tiny_gemma3_dir, hf_gemma):
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, **CASES[case])
+    llm = LLM(str(tiny_gemma3_dir), dtype="float32", max_model_len=256, **CASES[case])
     prompts = _prompts(7, [3, 29, 9, 40, 17])
     assert max(map(len, prompts)) > TINY_GEMMA_WINDOW
     assert _run(llm, prompts) == [_hf_greedy(hf_gemma, p, MAX_NEW) for p in prompts]
@@ -59,7 +59,7 @@ def test_greedy_matches_transformers(case, tiny_gemma3_dir, hf_gemma):
 
 
 def test_prefix_cache_hits_with_sliding_window(tiny_gemma3_dir, hf_gemma):
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=96,
+    llm = LLM(str(tiny_gemma3_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=96,
               max_num_batched_tokens=32)
     prompts = _prompts(8, [5, 13, 2], prefix_len=20)
     want = [_hf_greedy(hf_gemma, p, MAX_NEW) for p in prompts]
@@ -71,7 +71,7 @@ def test_prefix_cache_hits_with_sliding_window(tiny_gemma3_dir, hf_gemma):
 
 
 def test_layer_kinds_and_kv_groups(tiny_gemma3_dir):
-    llm = LLM(str(tiny_gemma3_dir), max_model_len=256, block_size=4, num_gpu_blocks_override=16)
+    llm = LLM(str(tiny_gemma3_dir), dtype="float32", max_model_len=256, block_size=4, num_gpu_blocks_override=16)
     groups = [(g.layer_ids, g.sliding_window) for g in llm.runner.kv_cache_groups]
     assert groups == [([0, 2], TINY_GEMMA_WINDOW), ([1, 3], None)]
     model = llm.runner.model

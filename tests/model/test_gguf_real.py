@@ -16,7 +16,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def default_llm(default_gemma):
-    return LLM(max_model_len=1024, kv_cache_memory=0.25, max_num_seqs=8)
+    return LLM(dtype="float32", max_model_len=1024, kv_cache_memory=0.25, max_num_seqs=8)  # the exact path
 
 
 @pytest.mark.slow

@@ -45,13 +45,14 @@ def _source_logits(src_dir: Path, qtype: str = "F32") -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama", "qwen2"])
 def test_logits_match_source_weights(arch, gguf_files, tiny_gguf_sources):
+    """The exact path, stated: float32 (what --dtype auto picks on CPUs without native bf16, not on AMX ones)."""
     src = tiny_gguf_sources[arch]
     ref = _source_logits(src)
-    f32 = load_model(ModelConfig(model=str(gguf_files[(arch, "F32")])))
+    f32 = load_model(ModelConfig(model=str(gguf_files[(arch, "F32")]), dtype="float32"))
     assert f32.arch == {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
     torch.testing.assert_close(prefill_logits(f32.model, PROMPT), ref, atol=2e-5, rtol=0)
     for qtype in ("F16", "Q8_0"):
-        got = prefill_logits(load_model(ModelConfig(model=str(gguf_files[(arch, qtype)]))).model, PROMPT)
+        got = prefill_logits(load_model(ModelConfig(model=str(gguf_files[(arch, qtype)]), dtype="float32")).model, PROMPT)
         # Exact against the quantization-rounded source weights; close to the original ones.
         torch.testing.assert_close(got, _source_logits(src, qtype), atol=2e-5, rtol=0)
         err = (got - ref).abs().max().item()
@@ -62,7 +63,7 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(gguf_files, tiny_gguf_sou
     """Llama 3 GGUFs carry rope scaling only as the rope_freqs tensor; positions past the original
     context (64 here) go through the scaled frequencies."""
     prompt = (PROMPT * 5)[:100]
-    lm = load_model(ModelConfig(model=str(gguf_files[("llama3", "F32")])))
+    lm = load_model(ModelConfig(model=str(gguf_files[("llama3", "F32")]), dtype="float32"))
     rope = lm.model.model.layers[0].self_attn.rotary.params
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["original_max_position_embeddings"] == 64
     from transformers import AutoModelForCausalLM
@@ -81,7 +82,7 @@ def test_q8_0_matches_transformers_gguf_loader(gguf_files):
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits[0]
-    ours = prefill_logits(load_model(ModelConfig(model=str(path))).model, PROMPT)
+    ours = prefill_logits(load_model(ModelConfig(model=str(path), dtype="float32")).model, PROMPT)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
 
 
@@ -89,7 +90,7 @@ def test_tokenizer_from_metadata_matches_source(gguf_files, tiny_gguf_sources, g
     from transformers import AutoTokenizer
 
     src = AutoTokenizer.from_pretrained(str(tiny_gguf_sources["llama"]))
-    lm = load_model(ModelConfig(model=str(gguf_files[("llama", "F32")])))
+    lm = load_model(ModelConfig(model=str(gguf_files[("llama", "F32")]), dtype="float32"))
     for text in TEXTS:
         assert lm.tokenizer(text).input_ids == src(text).input_ids
         ids = src(text, add_special_tokens=False).input_ids
@@ -101,21 +102,21 @@ def test_tokenizer_conversion_is_cached(gguf_files, gguf_cache_dir, monkeypatch)
     import tokenmill.model.gguf_tokenizer as gt
 
     path = gguf_files[("qwen2", "F32")]
-    first = load_model(ModelConfig(model=str(path)))
+    first = load_model(ModelConfig(model=str(path), dtype="float32"))
     assert any((gguf_cache_dir / gt.CACHE_KIND).iterdir())
 
     def fail(*_a, **_k):
         raise AssertionError("tokenizer converted again although it is cached")
 
     monkeypatch.setattr(gt, "convert_gguf_tokenizer", fail)
-    second = load_model(ModelConfig(model=str(path)))
+    second = load_model(ModelConfig(model=str(path), dtype="float32"))
     assert second.tokenizer(TEXTS[0]).input_ids == first.tokenizer(TEXTS[0]).input_ids
 
 
 def test_gemma_gets_fallback_chat_template(gguf_files):
     from tokenmill.model.gguf_tokenizer import GEMMA_CHAT_TEMPLATE
 
-    lm = load_model(ModelConfig(model=str(gguf_files[("gemma3", "F32")])))
+    lm = load_model(ModelConfig(model=str(gguf_files[("gemma3", "F32")]), dtype="float32"))
     assert lm.chat_template == GEMMA_CHAT_TEMPLATE
     text = lm.tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
                                              {"role": "user", "content": "Hi"}],
@@ -156,7 +157,7 @@ def test_bad_files_give_clear_errors(tmp_path, gguf_files):
     bad = tmp_path / "not.gguf"
     bad.write_bytes(b"NOPE" + b"\0" * 64)
     with pytest.raises(ValueError, match="not a GGUF file"):
-        load_model(ModelConfig(model=str(bad)))
+        load_model(ModelConfig(model=str(bad), dtype="float32"))
     from gguf import GGUFWriter
 
     odd = tmp_path / "odd.gguf"
@@ -164,8 +165,8 @@ def test_bad_files_give_clear_errors(tmp_path, gguf_files):
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(ValueError, match="architecture 'mamba'.*supported: gemma3, llama, qwen2"):
-        load_model(ModelConfig(model=str(odd)))
+        load_model(ModelConfig(model=str(odd), dtype="float32"))
     truncated = tmp_path / "trunc.gguf"
     truncated.write_bytes(gguf_files[("llama", "F32")].read_bytes()[:-1000])
     with pytest.raises(ValueError, match="runs past the end"):
-        load_model(ModelConfig(model=str(truncated)))
+        load_model(ModelConfig(model=str(truncated), dtype="float32"))

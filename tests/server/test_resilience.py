@@ -117,7 +117,7 @@ def test_embeddings(servers, minilm_dir):
     # the offline engine gives the same vectors
     import tokenmill
 
-    offline = [o.outputs.embedding for o in tokenmill.LLM(str(minilm_dir), task="embed").embed(texts)]
+    offline = [o.outputs.embedding for o in tokenmill.LLM(str(minilm_dir), dtype="float32", task="embed").embed(texts)]
     assert all(abs(x - y) < 1e-4 for v, w in zip(vecs, offline) for x, y in zip(v, w))
     b64 = client.embeddings.create(model="minilm", input=texts[:1], encoding_format="base64").data[0].embedding
     decoded = struct.unpack("<384f", base64.b64decode(b64))  # little-endian float32, as OpenAI sends
