@@ -254,7 +254,8 @@ def test_native_panel_gemm_strides_out_buffer_and_errors(cpu_kernels):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lm_head_layouts_agree(cpu_kernels, tied):
-    """The native panel layout, oneDNN packing (float32 without kernels) and column-major (bfloat16)."""
+    """The native panel layouts (float32, and bf16 weights with float32 logits), oneDNN packing (float32 without
+    kernels; bf16 too where the CPU multiplies bf16 natively) and column-major (bf16 without either)."""
     from tokenmill.layers.lm_head import LMHead
 
     g = torch.Generator().manual_seed(int(tied))
@@ -263,7 +264,8 @@ def test_lm_head_layouts_agree(cpu_kernels, tied):
         emb.weight.copy_(torch.randn(301, 24, generator=g))
     hidden = torch.randn(5, 24, generator=g)
     want = hidden @ emb.weight.detach().t()
-    for kernels, dtype in ((cpu_kernels, torch.float32), (None, torch.float32), (None, torch.bfloat16)):
+    for kernels, dtype in ((cpu_kernels, torch.float32), (None, torch.float32), (None, torch.bfloat16),
+                           (cpu_kernels, torch.bfloat16)):
         shared = copy.deepcopy(emb).to(dtype)  # as model.to(dtype) converts the embedding a tied head reads
         head = LMHead(24, 301, shared if tied else None).to(dtype)
         if not tied:
@@ -276,7 +278,8 @@ def test_lm_head_layouts_agree(cpu_kernels, tied):
         assert got.dtype == torch.float32 and got.shape == (5, 301)
         tol = 1e-5 if dtype == torch.float32 else 0.15
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        assert (got.data_ptr() == out.data_ptr()) == (kernels is not None)  # only the native path writes `out`
+        native = kernels is not None and not (dtype == torch.bfloat16 and host_cpu_features().native_bf16)
+        assert (got.data_ptr() == out.data_ptr()) == native  # only the native panel path writes `out`
         if not tied:
             assert head.weight.numel() == 0  # the untied head keeps only its repacked copy
         torch.testing.assert_close(head(hidden.to(dtype)), got)  # later calls reuse the chosen layout

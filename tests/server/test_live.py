@@ -171,7 +171,12 @@ def test_models_tokenize_version(tiny_server):
     assert text.endswith("Hello world")
     chat_ids = httpx.post(u + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
     assert len(chat_ids) > 2
-    assert re.fullmatch(r"\d+\.\d+\.\d+.*", httpx.get(u + "/version").json()["version"])
+    version = httpx.get(u + "/version").json()
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", version["version"])
+    # the numeric choices the server made, and why (the fixture server runs --dtype float32)
+    assert (version["dtype"], version["kv_cache_dtype"], version["device"]) == ("float32", "float32", "cpu")
+    assert version["dtype_reason"] == "dtype=float32 requested" and version["cpu"]
+    assert models["data"][0]["metadata"]["dtype"] == "float32"
     assert httpx.get(u + "/health").status_code == 200
 
 
