@@ -5,7 +5,8 @@ positions (default: Gemma 3 270M's 4 query heads / 1 KV head of dim 256, 18 laye
 PyTorch path (used when the native kernels are unavailable) gathers the blocks into a padded batch and
 runs one masked SDPA. Both run interleaved, round after round; prints medians, the K/V bytes read per
 second, and the ratio. --random-blocks scatters the block tables (a long-running server's cache) instead
-of allocating each sequence's blocks in order (a fresh batch).
+of allocating each sequence's blocks in order (a fresh batch). The native kernel also runs over a bf16 copy
+of the same caches (`native_bf16_cache`: --kv-cache-dtype bfloat16, and bf16 models): half the bytes read.
 
     python benchmarks/decode_attention.py
     python benchmarks/decode_attention.py --heads 32 8 128 --layers 4 --batch 16 --context 2048  # Llama-8B-like
@@ -57,27 +58,33 @@ def main() -> None:
     mask = torch.where(torch.arange(nb * bs)[None, :] < ctx[:, None], 0.0, float("-inf"))[:, None, None, :]
     q = torch.randn(bsz, hq, dim, generator=g)
     scale = dim**-0.5
+    bf16_caches = [(kc.bfloat16(), vc.bfloat16()) for kc, vc in caches]
     fns = {
-        "native": lambda kc, vc: kernels.decode_attention(q, kc, vc, blocks, zeros, zeros, ctx, scale),
-        "pytorch_sdpa": lambda kc, vc: _decode_sdpa(q, kc, vc, blocks, mask, scale),
+        "native": lambda i: kernels.decode_attention(q, *caches[i], blocks, zeros, zeros, ctx, scale),
+        "native_bf16_cache": lambda i: kernels.decode_attention(q, *bf16_caches[i], blocks, zeros, zeros, ctx, scale),
+        "pytorch_sdpa": lambda i: _decode_sdpa(q, *caches[i], blocks, mask, scale),
     }
-    torch.testing.assert_close(fns["native"](*caches[0]), fns["pytorch_sdpa"](*caches[0]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fns["native"](0), fns["pytorch_sdpa"](0), rtol=1e-4, atol=1e-5)
+    widened = _decode_sdpa(q, bf16_caches[0][0].float(), bf16_caches[0][1].float(), blocks, mask, scale)
+    torch.testing.assert_close(fns["native_bf16_cache"](0), widened, rtol=1e-4, atol=1e-5)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            for kc, vc in caches:
-                fn(kc, vc)
+            for i in range(args.layers):
+                fn(i)
             times[name].append(time.perf_counter() - t0)
-    kv_bytes = args.layers * int(ctx.sum()) * hkv * dim * 4 * 2
+    kv_elems = args.layers * int(ctx.sum()) * hkv * dim * 2
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    elem_bytes = {"native": 4, "native_bf16_cache": 2, "pytorch_sdpa": 4}
     print(json.dumps({
         "shape": {"batch": bsz, "context": args.context, "heads": args.heads, "layers": args.layers,
                   "block_size": bs, "random_blocks": args.random_blocks},
         "threads": torch.get_num_threads(),
         "ms_per_step": {name: round(t * 1e3, 1) for name, t in med.items()},
-        "kv_gb_per_s": {name: round(kv_bytes / t / 1e9, 1) for name, t in med.items()},
+        "kv_gb_per_s": {name: round(kv_elems * elem_bytes[name] / t / 1e9, 1) for name, t in med.items()},
         "native_vs_pytorch": round(med["pytorch_sdpa"] / med["native"], 2),
+        "bf16_cache_vs_float32_cache": round(med["native"] / med["native_bf16_cache"], 2),
     }, indent=2))
 
 
