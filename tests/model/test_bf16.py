@@ -99,5 +99,7 @@ def test_bf16_model_uses_bf16_layouts(tiny_gemma3_dir):
     assert linears and all(getattr(m, "_cpu_ready", False) for m in linears)
     assert all(p.dtype == torch.bfloat16 for p in runner.model.parameters())
     assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in runner.kv_caches)
+    # lazily zeroed (calloc'd) caches still read as zeros everywhere, the null block 0 included
+    assert all(not k.any() and not v.any() for k, v in runner.kv_caches)
     out = run_requests(runner, PROMPTS[:1], [SamplingParams(temperature=0.0, max_tokens=3, logprobs=2)])[0]
     assert len(out) == 3 and all(torch.isfinite(torch.tensor(t.logprob)) for t in out)

@@ -20,7 +20,7 @@ from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
 from tokenmill.layers.linear import prepare_linears_for_cpu
 from tokenmill.layers.sampler import Sampler, SeqSamplingState
-from tokenmill.executor.precision import describe_precision, precision_info, resolve_kv_cache_dtype
+from tokenmill.executor.precision import describe_precision, precision_info, resolve_kv_cache_dtype, zeros
 from tokenmill.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("tokenmill.executor")
@@ -97,8 +97,7 @@ class ModelRunner:
         self.kv_caches = []
         for l, (heads, dim) in enumerate(shapes):
             shape = (self.num_blocks[self.layer_to_group[l]], bs, heads, dim)
-            self.kv_caches.append((torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.kv_dtype, device=self.device)))
+            self.kv_caches.append((zeros(shape, self.kv_dtype, self.device), zeros(shape, self.kv_dtype, self.device)))
 
     def _blocks_per_seq(self, group: KVCacheGroupSpec) -> int:
         full = math.ceil(self.loaded.max_model_len / self.block_size)
