@@ -15,12 +15,13 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SampledToken, SchedulerOutput, ScheduledSeq
+from tokenmill.executor.kv_cache import resolve_kv_cache_dtype, zeros
+from tokenmill.executor.precision import describe_precision, precision_info
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
 from tokenmill.layers.linear import prepare_linears_for_cpu
 from tokenmill.layers.sampler import Sampler, SeqSamplingState
-from tokenmill.executor.precision import describe_precision, precision_info, resolve_kv_cache_dtype, zeros
 from tokenmill.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("tokenmill.executor")

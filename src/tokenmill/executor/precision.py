@@ -5,24 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from tokenmill.kernels.cpu_features import host_cpu_features
-
-_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_NUMPY_STORAGE = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """auto: the model dtype; float32 / bfloat16 (also fp32 / bf16) explicitly."""
-    alias = _ALIASES.get(name, name)
-    if alias == "auto":
-        return model_dtype
-    if alias not in _KV_DTYPES:
-        raise ValueError(f"invalid kv_cache_dtype={name!r}: must be auto, float32 or bfloat16")
-    return _KV_DTYPES[alias]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -44,13 +29,3 @@ def precision_info(loaded: Any, kv_dtype: torch.dtype, cpu_kernels: Any) -> dict
 def describe_precision(info: dict[str, str | None]) -> str:
     where = f"CPU {info['cpu']}, native kernels: {info['cpu_kernels'] or 'off'}" if info["cpu"] else info["device"]
     return f"dtype {info['dtype']} ({info['dtype_reason']}); KV cache {info['kv_cache_dtype']}; {where}"
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor for the KV cache. On CPU its pages come from calloc: zero and untouched until a block is
-    first written, so start-up does not spend seconds faulting in GiBs the first requests never use (the
-    auto-sized 4 GiB cache of the default model took 8.4 s in torch.zeros) and RSS grows with what is used."""
-    if device.type != "cpu" or dtype not in _NUMPY_STORAGE:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_STORAGE[dtype])).view(dtype)
-
