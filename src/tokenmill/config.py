@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp32", "bf16")  # auto: the model dtype
+
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:

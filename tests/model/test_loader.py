@@ -135,6 +135,24 @@ def test_auto_dtype_is_reported_and_bf16_on_amx_cpus(monkeypatch, tiny_qwen2_dir
         ModelRunner(EngineConfig(model=cfg.model, cache=CacheConfig(kv_cache_dtype="fp8")))
 
 
+def test_kv_cache_dtype_is_checked_before_loading():
+    """vLLM's argument name; a bad value fails at once (LLM(...) / `tokenmill serve`), not after a model load."""
+    from typer.testing import CliRunner
+    import typer
+
+    from tokenmill.engine.args import engine_config
+    from tokenmill.server.cli import serve_command
+
+    assert engine_config(None, kv_cache_dtype="bfloat16").cache.kv_cache_dtype == "bfloat16"
+    assert engine_config(None).cache.kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="invalid kv_cache_dtype='fp8': must be auto, float32 or bfloat16"):
+        engine_config(None, kv_cache_dtype="fp8")
+    app = typer.Typer()
+    app.command()(serve_command)
+    res = CliRunner().invoke(app, ["--kv-cache-dtype", "fp8"])
+    assert res.exit_code == 2 and "kv-cache-dtype" in res.output and "auto, float32 or bfloat16" in res.output
+
+
 def test_bfloat16_load(tiny_qwen2_dir):
     m = load_model(ModelConfig(model=str(tiny_qwen2_dir), dtype="bfloat16", device="cpu"))
     assert m.dtype == torch.bfloat16
