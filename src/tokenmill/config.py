@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp32", "bf16")  # auto: the model dtype
 
 
+def check_kv_cache_dtype(name: str) -> str:
+    """The name itself when it is one of KV_CACHE_DTYPES, else ValueError naming the field and what is allowed."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"invalid kv_cache_dtype={name!r}: must be auto, float32 or bfloat16")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What to load and how. `model` is a HF folder, a .gguf file, a HF-cache name, or None (default model)."""

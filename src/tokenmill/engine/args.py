@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, check_kv_cache_dtype
 
 # vLLM arguments that have no meaning here (GPU sharding, CUDA graphs...): accepted so vLLM code runs unchanged.
 _IGNORED = {
@@ -49,8 +49,7 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kw))}")
     if c.block_size < 1:
         raise ValueError(f"invalid block_size={c.block_size}: must be a positive integer")
-    if c.kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"invalid kv_cache_dtype={c.kv_cache_dtype!r}: must be auto, float32 or bfloat16")
+    check_kv_cache_dtype(c.kv_cache_dtype)
     return EngineConfig(model=m, cache=c, scheduler=s, num_threads=threads)
 
 

@@ -13,6 +13,7 @@ from tokenmill.sampling_params import SamplingParams
 
 __all__ = ["KVCacheGroupSpec"]  # re-exported: the engine's stage contracts name it
 
+
 @dataclass(slots=True)
 class SeqSetup:
     """Everything the runner keeps about a sequence; sent when it (re)enters the batch.

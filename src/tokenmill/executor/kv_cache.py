@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+from tokenmill.config import check_kv_cache_dtype
+
+_KV_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _NUMPY_STORAGE = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """auto: the model dtype; float32 / bfloat16 (also fp32 / bf16) explicitly."""
-    alias = _ALIASES.get(name, name)
-    if alias == "auto":
+    if check_kv_cache_dtype(name) == "auto":
         return model_dtype
-    if alias not in _KV_DTYPES:
-        raise ValueError(f"invalid kv_cache_dtype={name!r}: must be auto, float32 or bfloat16")
-    return _KV_DTYPES[alias]
+    return _KV_DTYPES[name]
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

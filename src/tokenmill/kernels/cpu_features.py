@@ -7,7 +7,8 @@ Three kinds of x86 machine run this project and its CI (and most rented CPUs are
   natively (AMX tiles, or VDPBF16PS), 2.5-6x fp32 on our shapes.
 `TOKENMILL_CPU_FLAGS` (space-separated flag names) replaces what /proc/cpuinfo says: tests use it to check the
 policy for a CPU the suite is not running on. Only choices read it (which dtype, which kernel variant to
-prefer); a kernel variant is never *loaded* on a CPU that lacks its instructions (`can_run` reads the real flags).
+prefer); a kernel variant is never *loaded* on a CPU that lacks its instructions (kernels/cpu_kernels.py
+reads the real flags, `host_cpu_features`).
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ class CpuFeatures:
     @property
     def isa(self) -> str:
         """The widest instruction set tier, for logs and the build key: amx | avx512_bf16 | avx512 | avx2 | base."""
-        for name in ("amx", "avx512_bf16", "avx512", "avx2"):
-            if getattr(self, "amx_bf16" if name == "amx" else name):
-                return name
-        return "base"
+        if self.amx_bf16:
+            return "amx"
+        if self.avx512_bf16:
+            return "avx512_bf16"
+        if self.avx512:
+            return "avx512"
+        return "avx2" if self.avx2 else "base"
 
     def describe(self) -> str:
         extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni") if f in self.flags]

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import math
 import os
-import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ class Variant:
     needs: frozenset[str]
 
     def runs_on(self, cpu: CpuFeatures) -> bool:
-        return self.needs <= cpu.flags if self.needs else True
+        return self.needs <= cpu.flags
 
 
 # Widest first. x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (16-float vectors), v3 = AVX2 + FMA + F16C + BMI (8-float
@@ -284,10 +283,5 @@ def _cpu_signature() -> str:
     """The CPU's feature flags: a cache directory shared between machines builds once per kind of CPU (the
     variant's explicit -march already keeps a library off CPUs without its instructions; the native variant
     and -mtune choices are only valid on the CPU that built them)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpu = host_cpu_features()
+    return " ".join([cpu.machine, *sorted(cpu.flags)])

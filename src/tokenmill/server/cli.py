@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from tokenmill.config import KV_CACHE_DTYPES, CacheConfig, SchedulerConfig, ServerConfig
+from tokenmill.config import CacheConfig, SchedulerConfig, ServerConfig, check_kv_cache_dtype
 
 _S, _C, _V = SchedulerConfig(), CacheConfig(), ServerConfig()
 
@@ -63,8 +63,11 @@ def serve_command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     template = _read_template(chat_template)
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise typer.BadParameter(f"{kv_cache_dtype!r}: must be auto, float32 or bfloat16", param_hint="--kv-cache-dtype")
+    try:
+        check_kv_cache_dtype(kv_cache_dtype)
+    except ValueError:
+        raise typer.BadParameter(f"{kv_cache_dtype!r}: must be auto, float32 or bfloat16",
+                                 param_hint="--kv-cache-dtype") from None
     engine_config = EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
                           served_model_name=served_model_name, chat_template=template, seed=seed),

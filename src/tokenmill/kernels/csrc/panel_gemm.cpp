@@ -37,18 +37,19 @@ constexpr int MR = 8, NR = 3;  // 24 accumulators + 3 weight vectors + 1 broadca
 constexpr int MR = 6, NR = 2;  // 12 + 2 + 1 of 16 (AVX2 / NEON)
 #endif
 constexpr int kMid = NR > 2 ? 2 : 1;  // the width of a last group of two panels when NR is 3
+template <typename TW>
+constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(TW));  // weights per 64-byte cache line
 
 // R rows (of a packed A tile [K][MR]) x NP panels; stores the first `cols` columns of each row of C.
 // Meanwhile prefetches `npf` lines starting at pf (the next group's weights), spread over the k loop.
 template <int R, int NP, typename TW>
 inline void microkernel(const float* a, const TW* p, int64_t K, float* c, int64_t ldc, int64_t cols,
                         const TW* pf, int64_t npf) {
-  constexpr int64_t kLine = 64 / sizeof(TW);  // elements per cache line
   vw acc[R][NP];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NP; ++j) acc[i][j] = vw{};
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLine, 0, 2);  // at most NR*PW/16 lines
+    for (int64_t l = k; l < npf; l += K) __builtin_prefetch(pf + l * kLineElems<TW>, 0, 2);  // at most NR*PW/16 lines
     vw w[NP];
     for (int j = 0; j < NP; ++j) w[j] = loadw(p + (j * K + k) * PW);
     for (int i = 0; i < R; ++i) {
@@ -121,11 +122,11 @@ void panel_gemm(const float* a, int64_t m, int64_t k, int64_t lda, const TW* p, 
       const int64_t cols = std::min<int64_t>(np * PW, n - c0);
       const TW* pg = p + q0 * k * PW;
       const TW* next = pg + np * k * PW;
-      const int64_t next_lines = g + 1 < groups ? std::min<int64_t>(NR, panels - q0 - NR) * k * PW * static_cast<int64_t>(sizeof(TW)) / 64 : 0;
+      const int64_t next_lines = g + 1 < groups ? std::min<int64_t>(NR, panels - q0 - NR) * k * PW / kLineElems<TW> : 0;
       const int64_t per_tile = (next_lines + tiles - 1) / tiles;
       for (int64_t t = 0; t < tiles; ++t) {
         const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
-        const TW* pf = next + t * per_tile * (64 / static_cast<int64_t>(sizeof(TW)));
+        const TW* pf = next + t * per_tile * kLineElems<TW>;
         const int64_t npf = std::max<int64_t>(0, std::min(per_tile, next_lines - t * per_tile));
         const float* at = ap + t * k * MR;
         float* ct = c + t * MR * ldc + c0;
