@@ -14,6 +14,22 @@ def check_kv_cache_dtype(name: str) -> str:
     return name
 
 
+# auto: a GGUF file keeps its block types (the native quantized kernels), other checkpoints stay dense;
+# none: everything dequantized to the model dtype (the exact path); q8_0 / q4_k: dense weights quantized at load.
+QUANTIZATION_METHODS = ("auto", "none", "q8_0", "q4_k")
+_QUANTIZATION_ALIASES = {None: "auto", "gguf": "auto", "dense": "none"}
+
+
+def check_quantization(name: str | None) -> str:
+    """The canonical method name (None and 'gguf' mean auto), else ValueError naming what is allowed."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = _QUANTIZATION_ALIASES.get(key, key)
+    if key not in QUANTIZATION_METHODS:
+        raise ValueError(f"invalid quantization={name!r}: must be one of {', '.join(QUANTIZATION_METHODS)} "
+                         "(auto keeps a GGUF file's block types, none dequantizes them)")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What to load and how. `model` is a HF folder, a .gguf file, a HF-cache name, or None (default model)."""
@@ -27,6 +43,7 @@ class ModelConfig:
     served_model_name: str | None = None
     chat_template: str | None = None  # path or inline jinja; None: the model's own, else the fallback
     seed: int = 0
+    quantization: str = "auto"  # see QUANTIZATION_METHODS
 
 
 @dataclass(frozen=True, slots=True)

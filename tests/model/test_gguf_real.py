@@ -16,7 +16,8 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def default_llm(default_gemma):
-    return LLM(dtype="float32", max_model_len=1024, kv_cache_memory=0.25, max_num_seqs=8)  # the exact path
+    return LLM(dtype="float32", quantization="none", max_model_len=1024, kv_cache_memory=0.25,
+               max_num_seqs=8)  # the exact path
 
 
 @pytest.mark.slow
@@ -56,3 +57,20 @@ def test_default_model_chat_uses_gemma_template(default_llm):
                            SamplingParams(temperature=0.0, max_tokens=4))[0]
     tok = default_llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids) == "<bos><start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n"
+
+
+@pytest.mark.slow
+def test_default_model_keeps_its_blocks(default_gemma):
+    """quantization=auto (the default): the file's Q5_0 / Q8_0 / Q4_K / Q6_K tensors stay blocks, and the weights
+    held in memory stay within 1.3x the file's size (float32 from the same file: ~4.3x)."""
+    from tokenmill.config import ModelConfig
+    from tokenmill.model.loader import load_model
+
+    path, _ = default_gemma
+    loaded = load_model(ModelConfig(model=str(path), dtype="float32"))
+    assert loaded.quantization.startswith("gguf blocks (") and "Q6_K" in loaded.quantization
+    held = 0
+    for module in loaded.model.modules():
+        held += sum(qt.nbytes for qt in (module.__dict__.get("quantized_parts") or {}).values())
+        held += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    assert held <= 1.3 * path.stat().st_size, f"{held / 2**20:.0f} MiB held for a {path.stat().st_size / 2**20:.0f} MiB file"

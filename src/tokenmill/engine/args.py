@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, check_kv_cache_dtype
+from tokenmill.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    check_kv_cache_dtype,
+    check_quantization,
+)
 
 # vLLM arguments that have no meaning here (GPU sharding, CUDA graphs...): accepted so vLLM code runs unchanged.
 _IGNORED = {
     "gpu_memory_utilization", "trust_remote_code", "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size",
-    "disable_log_stats", "swap_space", "cpu_offload_gb", "quantization", "revision", "tokenizer_mode",
+    "disable_log_stats", "swap_space", "cpu_offload_gb", "revision", "tokenizer_mode",
     "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config", "enable_lora",
     "tokenizer_revision", "download_dir", "load_format", "distributed_executor_backend",
 }
@@ -29,6 +36,7 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         served_model_name=kw.pop("served_model_name", None),
         chat_template=kw.pop("chat_template", None),
         seed=kw.pop("seed", 0) or 0,
+        quantization=check_quantization(kw.pop("quantization", None)),
     )
     c = CacheConfig(
         block_size=kw.pop("block_size", None) or 16,

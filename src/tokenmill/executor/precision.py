@@ -19,6 +19,7 @@ def precision_info(loaded: Any, kv_dtype: torch.dtype, cpu_kernels: Any) -> dict
     return {
         "dtype": dtype_name(loaded.dtype),
         "dtype_reason": loaded.dtype_reason or "set by the caller",
+        "quantization": getattr(loaded, "quantization", "none"),
         "kv_cache_dtype": dtype_name(kv_dtype),
         "device": str(loaded.device),
         "cpu": host_cpu_features().describe() if on_cpu else None,
@@ -28,4 +29,5 @@ def precision_info(loaded: Any, kv_dtype: torch.dtype, cpu_kernels: Any) -> dict
 
 def describe_precision(info: dict[str, str | None]) -> str:
     where = f"CPU {info['cpu']}, native kernels: {info['cpu_kernels'] or 'off'}" if info["cpu"] else info["device"]
-    return f"dtype {info['dtype']} ({info['dtype_reason']}); KV cache {info['kv_cache_dtype']}; {where}"
+    return (f"dtype {info['dtype']} ({info['dtype_reason']}); weights {info['quantization']}; "
+            f"KV cache {info['kv_cache_dtype']}; {where}")

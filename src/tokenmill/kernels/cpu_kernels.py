@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 
 from tokenmill.kernels.cpu_features import CpuFeatures, host_cpu_features
+from tokenmill.kernels.quant_kernels import QuantKernels
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TOKENMILL_CPU_KERNELS"
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp")]
-_HEADERS = [Path(__file__).with_name("csrc") / "wide_vector.h"]  # part of the build key, not compiled alone
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp", "quant_gemm.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("wide_vector.h", "panel_kernel.h")]  # part of the build key, not compiled alone
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,13 @@ class Variant:
         return self.needs <= cpu.flags
 
 
-# Widest first. x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (16-float vectors), v3 = AVX2 + FMA + F16C + BMI (8-float
+# Widest first. avx512vnni adds the 8-bit dot product instruction (vpdpbusd) for the quantized kernels.
+# x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (16-float vectors), v3 = AVX2 + FMA + F16C + BMI (8-float
 # vectors), the x86-64 baseline = SSE2 (8-float vectors as SSE pairs). Other machines: the host's own -march.
 X86_VARIANTS = (
+    Variant("avx512vnni", ("-march=x86-64-v4", "-mavx512vnni", "-mtune=generic"),
+            frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c",
+                       "bmi2"})),
     Variant("avx512", ("-march=x86-64-v4", "-mtune=generic"),
             frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "f16c", "bmi2"})),
     Variant("avx2", ("-march=x86-64-v3", "-mtune=generic"),
@@ -80,6 +85,7 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL, path: Path, variant: str):
         self.path = path
         self.variant = variant
+        self.quant = QuantKernels(lib)  # GGUF-block products (kernels/quant_kernels.py)
         decode_args = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p,
                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
         self._decode = {torch.float32: _fn(lib.decode_attention_f32, decode_args),

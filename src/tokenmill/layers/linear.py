@@ -11,6 +11,15 @@ from torch import nn
 
 from tokenmill.kernels.cpu_features import host_cpu_features
 from tokenmill.kernels.cpu_kernels import CpuKernels, PanelWeight
+from tokenmill.kernels.quant_format import QuantizedTensor
+from tokenmill.layers.quantized import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    densify,
+    has_block_parts,
+    load_quantized,
+    quantized_parts,
+)
 
 
 class FusedLinear(nn.Linear):
@@ -25,11 +34,14 @@ class FusedLinear(nn.Linear):
             offset += size
         self.shard_sizes = list(shard_sizes.values())
 
-    def load_shard(self, shard: str, loaded: torch.Tensor, is_bias: bool = False) -> None:
+    def load_shard(self, shard: str, loaded: torch.Tensor | QuantizedTensor, is_bias: bool = False) -> None:
         offset, size = self.shard_offsets[shard]
         target = self.bias if is_bias else self.weight
         if loaded.shape[0] != size:
             raise ValueError(f"shard {shard!r}: checkpoint has {tuple(loaded.shape)}, expected first dim {size}")
+        if isinstance(loaded, QuantizedTensor):
+            load_quantized(self, loaded, target, shard)
+            return
         with torch.no_grad():
             target[offset : offset + size].copy_(loaded)
 
@@ -110,22 +122,46 @@ def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLi
 
 
 def prepare_linears_for_cpu(model: nn.Module, kernels: CpuKernels | None = None, final: bool = False) -> None:
-    """Give every CPU nn.Linear its fastest weight layout; the original weight is then released (same memory).
+    """Give every CPU nn.Linear (and block-quantized embedding) its fastest weight layout; the original weight is
+    then released (same memory).
 
+    Block weights (layers/quantized.py): QuantizedLinear / QuantizedEmbedding over the native kernels; without
+    kernels they are dequantized into the dense weight, which then takes the dense route below (the loader
+    passes kernels when the model holds blocks, so this is decided at load).
     float32: oneDNN-packed. bf16: oneDNN-packed where the CPU multiplies bf16 natively, else the native bf16
     panel GEMM (`kernels`), else (final, no kernels) column-major for MKL. Called at load (kernels not built
-    yet: bf16 layers without native support wait) and by the model runner with its kernels (final=True)."""
+    yet: bf16 layers without native support wait) and by the model runner with its kernels
+    (final=True)."""
     for module in model.modules():
-        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu" or getattr(module, "_cpu_ready", False):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight.device.type != "cpu" \
+                or getattr(module, "_cpu_ready", False):
             continue
-        method = try_pack(module.weight, module.bias)
-        if method is None and module.weight.dtype == torch.bfloat16 and kernels is not None:
-            method = PanelLinear(kernels, module.weight, module.bias)
+        method = _quantized_method(module, kernels)
+        if method is None and isinstance(module, nn.Linear):
+            method = try_pack(module.weight, module.bias)
+            if method is None and module.weight.dtype == torch.bfloat16 and kernels is not None:
+                method = PanelLinear(kernels, module.weight, module.bias)
+            if method is None:
+                if final:
+                    module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
+                    module._cpu_ready = True
+                continue
         if method is None:
-            if final:
-                module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
-                module._cpu_ready = True
             continue
-        module.forward = method  # instance attribute: module(x) now calls the prepared matmul
+        module.forward = method  # instance attribute: module(x) now calls the prepared method
         module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
         module._cpu_ready = True
+
+
+def _quantized_method(module: nn.Module, kernels: CpuKernels | None) -> QuantizedLinear | QuantizedEmbedding | None:
+    """The block-weight method for `module`, or None for the dense route (blocks, if any, dequantized into the
+    weight first: some shards arrived dense, or there are no native kernels)."""
+    if not has_block_parts(module):
+        return None
+    parts = quantized_parts(module)
+    if parts is None or kernels is None:  # some shards dense, or no native kernels: the exact dense path
+        densify(module, module.weight)
+        return None
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(kernels.quant, parts[0][1], module.weight.dtype)
+    return QuantizedLinear(kernels.quant, parts, module.bias)

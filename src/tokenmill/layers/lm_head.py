@@ -7,7 +7,8 @@ read once per step, so its layout is chosen once, on first use:
 - CPU bf16 where the CPU multiplies bf16 natively (AMX / AVX512-BF16): oneDNN-packed bf16 (the logits are
   rounded to bf16 once, then widened to float32, as vLLM's bf16 heads do);
 - CPU bf16 elsewhere with the kernels: bf16 panels, float32 accumulation and float32 logits (half the bytes);
-- CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is.
+- CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is;
+- GGUF blocks kept as stored (its own or the tied embedding's): QuantizedLinear (layers/quantized.py).
 An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
 embedding it shares, which the input lookup still needs.
 """
@@ -22,9 +23,12 @@ from torch import nn
 
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.layers.linear import column_major, try_pack
+from tokenmill.layers.quantized import QuantizedLinear, densify, quantized_parts
 
 
 class LMHead(nn.Module):
+    accepts_quantized = True  # its own weight (or the tied embedding's) may arrive as GGUF blocks
+
     def __init__(self, hidden_size: int, vocab_size: int, tied: nn.Embedding | None = None):
         super().__init__()
         # A tuple, so the shared embedding is not registered twice (state dict, parameters, .to()).
@@ -42,6 +46,16 @@ class LMHead(nn.Module):
             self._prepare(kernels)
 
     def _prepare(self, kernels: CpuKernels | None) -> None:
+        owner = self._tied[0] if self._tied else self
+        parts = quantized_parts(owner)
+        if parts is not None and kernels is not None:  # the blocks as stored: 8-bit dot products for decode
+            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True)
+            self._writes_out = True
+            if not self._tied:
+                self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            return
+        if parts is not None:  # no native kernels: the dequantized (exact) weight
+            densify(owner, owner.weight)
         weight = self._source()
         if weight.device.type != "cpu":
             self._project = partial(torch.nn.functional.linear, weight=weight)

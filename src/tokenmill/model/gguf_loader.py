@@ -2,8 +2,9 @@
 
 Header parse (gguf_reader, < 1 s), config from metadata (gguf_names), tensors dequantized one at a time
 straight into the model's parameters (gguf_dequant, about 2 s for Gemma 3 270M Q4_K_M), tokenizer from
-the hash-keyed cache (gguf_tokenizer). Weights are kept dequantized in the model dtype: on CPU an fp32
-GEMM is far faster than dequantizing per step, and the conversion is cheap enough not to cache.
+the hash-keyed cache (gguf_tokenizer). With quantization=auto on CPU, 2-D tensors of the block types the native
+kernels read (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) stay as stored (layers/quantized.py): decode reads ~4x fewer
+bytes per token. quantization=none dequantizes everything into the model dtype (the exact path).
 """
 
 from __future__ import annotations
@@ -14,16 +15,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.kernels.quant_format import QuantizedTensor, has_kernel
+from tokenmill.layers.quantized import describe
 from tokenmill.model.cache_dir import file_hash
 from tokenmill.model.gguf_dequant import dequantize
-from tokenmill.model.gguf_names import build_hf_config, fix_tensor, hf_architecture, hf_tensor_name
+from tokenmill.model.gguf_names import (
+    build_hf_config,
+    fix_tensor,
+    hf_architecture,
+    hf_tensor_name,
+)
 from tokenmill.model.gguf_reader import GGUFFile, read_gguf
 from tokenmill.model.gguf_tokenizer import GEMMA_CHAT_TEMPLATE, load_gguf_tokenizer
 from tokenmill.model.hf_folder import build_model, load_tokenizer, resolve_chat_template
-from tokenmill.model.loader import LoadedModel, choose_dtype, resolve_device, resolve_max_model_len
+from tokenmill.model.loader import (
+    LoadedModel,
+    choose_dtype,
+    resolve_device,
+    resolve_max_model_len,
+)
 from tokenmill.model.registry import resolve_architecture
 
 # Ids llama.cpp treats as end-of-generation besides EOS, when the file names them.
@@ -39,6 +53,11 @@ def load_gguf(cfg: ModelConfig) -> LoadedModel:
     config = build_hf_config(gguf)
     device = resolve_device(cfg.device)
     dtype, dtype_reason = choose_dtype(cfg.dtype, device)
+    if cfg.quantization in ("q8_0", "q4_k"):
+        raise ValueError(f"quantization={cfg.quantization!r} quantizes a dense checkpoint at load; {path.name} is "
+                         "already quantized: use auto (keep its blocks) or none (dequantize them)")
+    # Blocks stay blocks on CPU (the native kernels); CUDA has no block kernels yet, so it gets the dense weights.
+    keep_blocks = cfg.quantization == "auto" and device.type == "cpu"
     # The tokenizer (seconds: a 33 MB tokenizer.json for Gemma) loads in a thread while weights dequantize.
     with ThreadPoolExecutor(max_workers=1) as pool:
         if cfg.tokenizer:
@@ -46,7 +65,7 @@ def load_gguf(cfg: ModelConfig) -> LoadedModel:
         else:
             tok_future = pool.submit(load_gguf_tokenizer, path, file_hash(path))
         with _one_torch_thread():
-            model = build_model(cls, config, dtype, device, iter_gguf_weights(gguf, config))
+            model = build_model(cls, config, dtype, device, iter_gguf_weights(gguf, config, keep_blocks))
         tokenizer = tok_future.result()
     template = resolve_chat_template(cfg.chat_template, tokenizer)
     if template is None and gguf.architecture == "gemma3":
@@ -67,18 +86,35 @@ def load_gguf(cfg: ModelConfig) -> LoadedModel:
         vocab_size=int(config.vocab_size),
         task="generate",
         path=str(path),
+        quantization=_describe_weights(model, cfg.quantization, device),
     )
 
 
-def iter_gguf_weights(gguf: GGUFFile, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) per GGUF tensor, dequantized and un-permuted, one at a time."""
+def iter_gguf_weights(gguf: GGUFFile, config: Any, keep_blocks: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """(HF name, tensor) per GGUF tensor, un-permuted, one at a time: float32 (dequantized), or with keep_blocks
+    a QuantizedTensor for every 2-D tensor of a type the native kernels read (rows permuted as whole blocks)."""
     arch = gguf.architecture
     for name, info in gguf.tensors.items():
         hf_name = hf_tensor_name(arch, name)
         if hf_name is None:
             continue
+        if keep_blocks and len(info.shape) == 2 and has_kernel(info.ggml_type):
+            raw = torch.from_numpy(np.array(info.data, dtype=np.uint8, copy=True))  # memmaps are read-only
+            qt = QuantizedTensor.from_bytes(raw, info.ggml_type, tuple(int(d) for d in info.shape))
+            yield hf_name, qt.with_rows(fix_tensor(arch, name, qt.blocks, config))
+            continue
         tensor = dequantize(info.data, info.ggml_type, info.shape)
         yield hf_name, fix_tensor(arch, name, tensor, config)
+
+
+def _describe_weights(model: torch.nn.Module, method: str, device: torch.device) -> str:
+    blocks = describe(model)
+    if blocks:
+        return f"gguf blocks ({blocks})"
+    if method == "auto" and device.type != "cpu":
+        return "none (dequantized: no block kernels on this device yet)"
+    return "none (dequantized)"
 
 
 def eos_token_ids(gguf: GGUFFile, tokenizer: Any) -> list[int]:

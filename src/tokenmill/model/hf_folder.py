@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,8 +13,16 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.linear import prepare_linears_for_cpu
-from tokenmill.model.loader import LoadedModel, choose_dtype, resolve_device, resolve_max_model_len
+from tokenmill.layers.quantized import describe, has_block_parts
+from tokenmill.model.loader import (
+    LoadedModel,
+    choose_dtype,
+    resolve_device,
+    resolve_max_model_len,
+)
 from tokenmill.model.registry import resolve_architecture
+
+log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
@@ -29,7 +38,17 @@ def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype, dtype_reason = choose_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else folder)
-    model = build_model(cls, config, dtype, device, iter_safetensors(folder))
+    quantize = None
+    if cfg.quantization in ("q8_0", "q4_k"):
+        if device.type != "cpu":
+            raise ValueError(f"quantization={cfg.quantization!r}: block weights run on CPU only (no CUDA kernels yet); "
+                             "use quantization=none on CUDA")
+        from tokenmill.model.quantize_at_load import quantize_dense_model
+
+        def quantize(model: torch.nn.Module) -> None:
+            quantize_dense_model(model, cfg.quantization, safetensors_files(folder))
+
+    model = build_model(cls, config, dtype, device, iter_safetensors(folder), quantize)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -44,6 +63,7 @@ def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
         vocab_size=int(config.vocab_size),
         task=getattr(cls, "TASK", "generate"),
         path=str(folder),
+        quantization=f"{cfg.quantization} at load ({describe(model)})" if quantize else "none",
     )
 
 
@@ -94,6 +114,14 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, so only one tensor is held besides the model."""
     from safetensors import safe_open
 
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files (the index's shards, or every *.safetensors), checked to exist."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -105,14 +133,13 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model={str(folder)!r}: no *.safetensors weights found (only safetensors is supported)")
-    for name in files:
-        with safe_open(str(folder / name), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    return [folder / name for name in files]
 
 
-def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device, weights) -> torch.nn.Module:
-    """Construct on the meta device (no random init), materialise on `device`, fill every parameter."""
+def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device, weights,
+                quantize: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """Construct on the meta device (no random init), materialise on `device`, fill every parameter; then
+    `quantize` (if given) may turn dense matrices into blocks before the layouts are prepared."""
     with torch.device("meta"):
         model = cls(config)
     model = model.to(dtype).to_empty(device=device)
@@ -122,11 +149,27 @@ def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for {cls.__name__}: {shown}")
+    if quantize is not None:
+        quantize(model)
     return finalize_model(model)
 
 
 def finalize_model(model: torch.nn.Module) -> torch.nn.Module:
     """After weights are in: CPU-friendly linear layouts (oneDNN-packed in float32; the LM head picks its own
-    layout on first use, see layers/lm_head.py). The GGUF loader calls this too."""
-    prepare_linears_for_cpu(model)
+    layout on first use, see layers/lm_head.py). GGUF blocks kept as stored get their native kernels now, so
+    the model runs as loaded; without a C++ compiler they are dequantized (the exact path). The GGUF loader
+    calls this too."""
+    kernels = None
+    if any(has_block_parts(m) for m in model.modules()):
+        from tokenmill.kernels.cpu_kernels import load_cpu_kernels
+
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            log.warning("quantized weights: no native CPU kernels (no compiler, or TOKENMILL_CPU_KERNELS=0), "
+                        "so the blocks are dequantized to the model dtype")
+    prepare_linears_for_cpu(model, kernels)
+    if kernels is not None:
+        for module in model.modules():
+            if getattr(module, "accepts_quantized", False):  # the LM head: blocks of its own or of the embedding
+                module.use_cpu_kernels(kernels)
     return model.eval()

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.kernels.quant_format import QuantizedTensor
 from tokenmill.kv_cache_spec import KVCacheGroupSpec
 from tokenmill.layers.activation import get_act_and_mul
 from tokenmill.layers.attention import Attention, ForwardContext
 from tokenmill.layers.linear import FusedLinear, copy_weight
 from tokenmill.layers.lm_head import LMHead
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.quantized import load_quantized
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 
 # HF checkpoint name fragment -> (our fused module name, shard)
@@ -179,7 +181,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
-            copy_weight(params[name], tensor, name)
+            if isinstance(tensor, QuantizedTensor):  # GGUF blocks kept as stored (layers/quantized.py)
+                load_quantized(self.get_submodule(name.rsplit(".", 1)[0]), tensor, params[name])
+            else:
+                copy_weight(params[name], tensor, name)
             loaded.add(name)
         return loaded
 

@@ -40,6 +40,7 @@ class LoadedModel:
     task: str = "generate"
     path: str | None = None  # the file or folder the weights came from
     dtype_reason: str = ""  # why this dtype (logged at start, shown by /version and /v1/models)
+    quantization: str = "none"  # how the weights are held, e.g. "gguf blocks (Q5_0 x90, ...)"
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

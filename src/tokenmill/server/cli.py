@@ -11,7 +11,14 @@ from typing import Annotated
 
 import typer
 
-from tokenmill.config import CacheConfig, SchedulerConfig, ServerConfig, check_kv_cache_dtype
+from tokenmill.config import (
+    QUANTIZATION_METHODS,
+    CacheConfig,
+    SchedulerConfig,
+    ServerConfig,
+    check_kv_cache_dtype,
+    check_quantization,
+)
 
 _S, _C, _V = SchedulerConfig(), CacheConfig(), ServerConfig()
 
@@ -39,6 +46,11 @@ def serve_command(
              "AVX512-BF16) and on CUDA, float32 on other CPUs. float32 matches transformers exactly.")] = "auto",
     kv_cache_dtype: Annotated[str, typer.Option(
         help="auto | float32 | bfloat16. auto: the model dtype. bfloat16 halves KV memory and bandwidth.")] = _C.kv_cache_dtype,
+    quantization: Annotated[str, typer.Option(
+        "--quantization", "-q",
+        help="auto | none | q8_0 | q4_k. auto: a GGUF file keeps its quantized blocks (native 8-bit dot-product "
+             "kernels, ~4x fewer bytes per token); none: dequantize everything (the exact path); q8_0 / q4_k: "
+             "quantize a dense (safetensors) checkpoint's weights at load.")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     chat_template: Annotated[str | None, typer.Option(
         help="Jinja chat template (a file path or the template text) overriding the model's own.")] = None,
@@ -68,9 +80,15 @@ def serve_command(
     except ValueError:
         raise typer.BadParameter(f"{kv_cache_dtype!r}: must be auto, float32 or bfloat16",
                                  param_hint="--kv-cache-dtype") from None
+    try:
+        quantization = check_quantization(quantization)
+    except ValueError:
+        raise typer.BadParameter(f"{quantization!r}: must be one of {', '.join(QUANTIZATION_METHODS)}",
+                                 param_hint="--quantization") from None
     engine_config = EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
-                          served_model_name=served_model_name, chat_template=template, seed=seed),
+                          served_model_name=served_model_name, chat_template=template, seed=seed,
+                          quantization=quantization),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -38,7 +38,7 @@ async def detokenize(state: ServerState, request: Request) -> Response:
     return JSONResponse({"prompt": state.engine.tokenizer.decode(body.tokens)})
 
 
-PRECISION_KEYS = ("dtype", "dtype_reason", "kv_cache_dtype", "device", "cpu", "cpu_kernels")
+PRECISION_KEYS = ("dtype", "dtype_reason", "quantization", "kv_cache_dtype", "device", "cpu", "cpu_kernels")
 
 
 def precision(state: ServerState) -> dict:

@@ -369,7 +369,7 @@ void gelu_and_mul_rows(const T* x, int64_t rows, int64_t n, int64_t ldx, T* out,
 
 extern "C" {
 
-int tokenmill_kernels_abi_version() { return 3; }
+int tokenmill_kernels_abi_version() { return 4; }
 
 void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
                           int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx, int64_t B,

@@ -1,0 +1,535 @@
+// Matrix products over GGUF weight blocks kept as stored (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K).
+//
+// Every block type unpacks into one shape, a Group of G weights (G = 32, or 256 for the K-quants):
+//   w[i] = s[i / 16] * q[i] - m[i / 16],  q int8 (Q8_0: -128..127; the others 0..63)
+// so one dot product and one dequantizer serve all six types. The block layouts follow ggml's
+// (ggml-quants.c, MIT; gguf's numpy quants.py and our model/gguf_dequant.py decode the same bytes).
+//
+// Two products, picked by the caller by row count (layers/quantized.py):
+// - quant_gemm_int8 (few rows: decode). Each activation row is quantized once per layer to 8 bits per
+//   32-element block (quantize_act_q8: scale amax/127, round half to even), and every weight block is unpacked
+//   once for up to 4 activation rows. Per 32 weights and row: one integer dot product (AVX2 maddubs + madd, or
+//   AVX-512 VNNI dpbusd; signed weights carry their sign over to x), the scales applied in float32:
+//     sum_i w_i x_i = dx * s * sum_i q_i qx_i  [- m * dx * sum_i qx_i for Q4_K / Q5_K, whose quants are unsigned]
+//   (Q6_K: a scale per 16-weight half, as lanes 0-3 / 4-7 of the dot product.) Two accumulators alternate
+//   between blocks so single-row decode is not bound by one FMA chain's latency. Threads split the output
+//   columns (weight rows), so each weight byte is read once per call.
+// - quant_gemm_panels (many rows: prefill, large batches). Weight rows are dequantized on the fly, NR panels
+//   at a time, into a thread's float32 panel buffer (L2-sized), and the panel GEMM microkernel (panel_kernel.h)
+//   multiplies every row tile against them: float32 arithmetic, exact activations, no dense copy in memory.
+// Oracle: tokenmill/kernels/quant_reference.py (tests/model/test_quant_kernels.py).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "panel_kernel.h"
+
+namespace {
+
+using namespace tokenmill::panel;
+
+enum Type : int { kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+// One unpacked block: w[i] = s[i / 16] * q[i] - m[i / 32]. q is signed (the type's offset already subtracted)
+// for every type but Q4_K / Q5_K, whose minimums stay a separate term (m; zero for the other types).
+struct alignas(64) Group {
+  int8_t q[256];
+  float s[16];
+  float m[8];
+};
+
+inline float f16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+  if (exp == 0) {
+    const float v = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
+    return sign ? -v : v;
+  }
+  const uint32_t bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// G weights per block, bytes per block; has_min: unsigned q with a min term (else signed q, no min);
+// halves: the two 16-weight halves of a 32-weight chunk have their own scales (Q6_K).
+template <int G_, int bytes_, bool has_min_, bool halves_>
+struct FormatOf {
+  static constexpr int G = G_, bytes = bytes_;
+  static constexpr bool has_min = has_min_, halves = halves_;
+};
+template <int T> struct Format;
+template <> struct Format<kQ8_0> : FormatOf<32, 34, false, false> {};
+template <> struct Format<kQ4_0> : FormatOf<32, 18, false, false> {};
+template <> struct Format<kQ5_0> : FormatOf<32, 22, false, false> {};
+template <> struct Format<kQ4_K> : FormatOf<256, 144, true, false> {};
+template <> struct Format<kQ5_K> : FormatOf<256, 176, true, false> {};
+template <> struct Format<kQ6_K> : FormatOf<256, 210, false, true> {};
+
+inline void fill(float* p, int n, float v) {
+  for (int i = 0; i < n; ++i) p[i] = v;
+}
+
+inline void k_scale_min(int j, const uint8_t* q, int& sc, int& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+template <int T> void unpack(const uint8_t* b, Group& g);
+
+template <> void unpack<kQ8_0>(const uint8_t* b, Group& g) {
+  std::memcpy(g.q, b + 2, 32);
+  fill(g.s, 2, f16_to_f32(b));
+}
+
+template <> void unpack<kQ4_0>(const uint8_t* b, Group& g) {
+  const float d = f16_to_f32(b);
+  const uint8_t* qs = b + 2;
+#if defined(__AVX2__)
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), _mm256_sub_epi8(nib, _mm256_set1_epi8(8)));
+#else
+  for (int j = 0; j < 16; ++j) {
+    g.q[j] = static_cast<int8_t>((qs[j] & 15) - 8);
+    g.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - 8);
+  }
+#endif
+  fill(g.s, 2, d);
+}
+
+template <> void unpack<kQ5_0>(const uint8_t* b, Group& g) {
+  const float d = f16_to_f32(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
+#if defined(__AVX2__)
+  // Bit j of qh to byte j: broadcast the 4 bytes, pick byte j/8 per lane, test bit j%8.
+  const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                          0x0303030303030303);
+  const __m256i bitmask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+  __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), shuf);
+  hb = _mm256_cmpeq_epi8(_mm256_or_si256(hb, bitmask), _mm256_set1_epi64x(-1));  // 0xff where the bit is set
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
+  const __m256i q5 = _mm256_or_si256(nib, _mm256_and_si256(hb, _mm256_set1_epi8(16)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), _mm256_sub_epi8(q5, _mm256_set1_epi8(16)));
+#else
+  for (int j = 0; j < 16; ++j) {
+    g.q[j] = static_cast<int8_t>(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+    g.q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+#endif
+  fill(g.s, 2, d);
+}
+
+inline void k_group_scales(const uint8_t* b, Group& g) {
+  const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    k_scale_min(j, b + 4, sc, m);
+    g.s[2 * j] = g.s[2 * j + 1] = d * static_cast<float>(sc);
+    g.m[j] = dmin * static_cast<float>(m);
+  }
+}
+
+template <> void unpack<kQ4_K>(const uint8_t* b, Group& g) {
+  k_group_scales(b, g);
+  const uint8_t* qs = b + 16;
+#if defined(__AVX2__)
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(g.q + 64 * j), _mm256_and_si256(v, m4));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(g.q + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+  }
+#else
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 32; ++l) {
+      g.q[64 * j + l] = static_cast<int8_t>(qs[32 * j + l] & 15);
+      g.q[64 * j + 32 + l] = static_cast<int8_t>(qs[32 * j + l] >> 4);
+    }
+#endif
+}
+
+template <> void unpack<kQ5_K>(const uint8_t* b, Group& g) {
+  k_group_scales(b, g);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+#if defined(__AVX2__)
+  const __m256i m4 = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+    const __m256i u1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j))), u2 = _mm256_set1_epi8(static_cast<char>(2 << (2 * j)));
+    const __m256i h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u1), u1), sixteen);
+    const __m256i h2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u2), u2), sixteen);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(g.q + 64 * j), _mm256_or_si256(_mm256_and_si256(v, m4), h1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(g.q + 64 * j + 32),
+                       _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h2));
+  }
+  return;
+#endif
+  for (int j = 0; j < 4; ++j) {
+    const int u1 = 1 << (2 * j), u2 = 2 << (2 * j);
+    for (int l = 0; l < 32; ++l) {
+      g.q[64 * j + l] = static_cast<int8_t>((qs[32 * j + l] & 15) + ((qh[l] & u1) ? 16 : 0));
+      g.q[64 * j + 32 + l] = static_cast<int8_t>((qs[32 * j + l] >> 4) + ((qh[l] & u2) ? 16 : 0));
+    }
+  }
+}
+
+template <> void unpack<kQ6_K>(const uint8_t* b, Group& g) {
+  const float d = f16_to_f32(b + 208);
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* ql = b + 64 * half;
+    const uint8_t* qh = b + 128 + 32 * half;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half;
+    int8_t* q = g.q + 128 * half;
+#if defined(__AVX2__)
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    auto put = [&](int at, __m256i lo4, __m256i hi2) {
+      const __m256i v = _mm256_or_si256(lo4, _mm256_and_si256(hi2, m30));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + at), _mm256_sub_epi8(v, off));
+    };
+    put(0, _mm256_and_si256(l0, m4), _mm256_slli_epi16(h, 4));
+    put(32, _mm256_and_si256(l1, m4), _mm256_slli_epi16(h, 2));
+    put(64, _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h);
+    put(96, _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_srli_epi16(h, 2));
+#else
+    for (int l = 0; l < 32; ++l) {
+      q[l] = static_cast<int8_t>(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+      q[l + 32] = static_cast<int8_t>(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+      q[l + 64] = static_cast<int8_t>(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+      q[l + 96] = static_cast<int8_t>(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+    }
+#endif
+    for (int i = 0; i < 8; ++i) g.s[8 * half + i] = d * static_cast<float>(sc[i]);
+  }
+}
+
+// ---- activations: float32 rows -> int8 blocks of 32, a scale and a scaled sum per block ---------------------
+
+void quantize_row_q8(const float* x, int64_t k, int8_t* q, float* d_out, float* sum_out) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // the default rounding mode: half to even
+      q[32 * b + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d_out[b] = d;
+    sum_out[b] = d * static_cast<float>(sum);
+  }
+}
+
+// ---- per 32 weights and activation row: integer dot product, scaled into a float accumulator -----------------
+
+// Activation rows handed to a weight row: quants, block scales, block sums (only read for types with minimums).
+struct Acts {
+  const int8_t* q;
+  const float* d;
+  const float* sum;
+  int64_t k;
+};
+
+#if defined(__AVX2__)
+struct Lanes {  // 8 float partial sums per row; two sets alternate between blocks (two FMA chains in flight)
+  __m256 v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 m = _mm256_setzero_ps();
+};
+
+inline float hsum(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// 8 int32 lanes of sum w*x over 4 consecutive bytes each (lanes 0-3: weights 0-15). `uw` is |w| for signed
+// weights (their sign moved onto x) or w itself for unsigned ones.
+inline __m256i dot32(__m256i uw, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, x), _mm256_set1_epi16(1));  // |w| <= 128, |x| <= 127: no saturation
+#endif
+}
+
+template <int T, int R, int set>
+inline void block_dot(const Group& g, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc) {
+  using F = Format<T>;
+  const int64_t nb = a.k / 32;
+  for (int ch = 0; ch < F::G / 32; ++ch) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * ch));
+    const __m256i uw = F::has_min ? w : _mm256_sign_epi8(w, w);
+    const __m256 scale = F::halves ? _mm256_setr_m128(_mm_set1_ps(g.s[2 * ch]), _mm_set1_ps(g.s[2 * ch + 1]))
+                                   : _mm256_set1_ps(g.s[2 * ch]);
+    const int64_t b32 = blk * (F::G / 32) + ch;
+    for (int r = 0; r < R; ++r) {
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + 32 * b32));
+      if constexpr (!F::has_min) x = _mm256_sign_epi8(x, w);
+      const __m256 p = _mm256_cvtepi32_ps(dot32(uw, x));
+      acc[r].v[set] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + b32)), acc[r].v[set]);
+    }
+  }
+  if constexpr (F::has_min) {  // minus sum over the 8 chunks of min * (activation scale * sum of its quants)
+    const __m256 mins = _mm256_loadu_ps(g.m);
+    for (int r = 0; r < R; ++r)
+      acc[r].m = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.sum + r * nb + blk * 8), acc[r].m);
+  }
+}
+
+inline float finish(const Lanes& acc) { return hsum(_mm256_sub_ps(_mm256_add_ps(acc.v[0], acc.v[1]), acc.m)); }
+#else
+struct Lanes {
+  float v[2] = {0.f, 0.f};
+  float m = 0.f;
+};
+
+template <int T, int R, int set>
+inline void block_dot(const Group& g, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc) {
+  using F = Format<T>;
+  const int64_t nb = a.k / 32;
+  for (int ch = 0; ch < F::G / 32; ++ch) {
+    const int8_t* w = wq + 32 * ch;
+    const int64_t b32 = blk * (F::G / 32) + ch;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = a.q + r * a.k + 32 * b32;
+      int32_t lo = 0, hi = 0;
+      for (int i = 0; i < 16; ++i) lo += static_cast<int32_t>(w[i]) * x[i];
+      for (int i = 16; i < 32; ++i) hi += static_cast<int32_t>(w[i]) * x[i];
+      acc[r].v[set] += a.d[r * nb + b32] * (g.s[2 * ch] * static_cast<float>(lo) + g.s[2 * ch + 1] * static_cast<float>(hi));
+      if constexpr (F::has_min) acc[r].m += g.m[ch] * a.sum[r * nb + b32];
+    }
+  }
+}
+
+inline float finish(const Lanes& acc) { return acc.v[0] + acc.v[1] - acc.m; }
+#endif
+
+// One weight block against R activation rows, into accumulator set `set`.
+template <int T, int R, int set>
+inline void int8_block(Group& g, const uint8_t* b, const Acts& a, int64_t blk, Lanes* acc) {
+  const int8_t* wq = g.q;
+  if constexpr (T == kQ8_0) {  // already one int8 per weight: read in place
+    g.s[0] = g.s[1] = f16_to_f32(b);
+    wq = reinterpret_cast<const int8_t*>(b + 2);
+  } else {
+    unpack<T>(b, g);
+  }
+  block_dot<T, R, set>(g, wq, a, blk, acc);
+}
+
+// Output columns [n0, n1) for R activation rows. Blocks alternate between the two accumulator sets (a
+// compile-time choice, so the accumulators stay in registers).
+template <int T, int R>
+void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c, int64_t ldc) {
+  using F = Format<T>;
+  const int64_t nblk = a.k / F::G;
+  Group g;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = w + n * row_bytes;
+    Lanes acc[R];
+    int64_t blk = 0;
+    for (; blk + 2 <= nblk; blk += 2) {
+      int8_block<T, R, 0>(g, wrow + blk * F::bytes, a, blk, acc);
+      int8_block<T, R, 1>(g, wrow + (blk + 1) * F::bytes, a, blk + 1, acc);
+    }
+    if (blk < nblk) int8_block<T, R, 0>(g, wrow + blk * F::bytes, a, blk, acc);
+    for (int r = 0; r < R; ++r) c[r * ldc + n] = finish(acc[r]);
+  }
+}
+
+template <int T>
+void int8_gemm(const int8_t* qx, const float* d, const float* sums, int64_t m, int64_t k, const uint8_t* w, int64_t n,
+               int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
+  // Threads own contiguous column ranges; rows go 4 at a time so each unpacked block serves 4 dot products.
+#pragma omp parallel num_threads(num_threads)
+  {
+#if defined(_OPENMP)
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+    const int nt = 1, tid = 0;
+#endif
+    const int64_t per = (n + nt - 1) / nt, n0 = std::min<int64_t>(n, tid * per), n1 = std::min<int64_t>(n, n0 + per);
+    for (int64_t r = 0; r < m; r += 4) {
+      const Acts a{qx + r * k, d + r * (k / 32), sums + r * (k / 32), k};
+      float* cr = c + r * ldc;
+      switch (std::min<int64_t>(4, m - r)) {
+        case 4: int8_rows<T, 4>(a, w, row_bytes, n0, n1, cr, ldc); break;
+        case 3: int8_rows<T, 3>(a, w, row_bytes, n0, n1, cr, ldc); break;
+        case 2: int8_rows<T, 2>(a, w, row_bytes, n0, n1, cr, ldc); break;
+        default: int8_rows<T, 1>(a, w, row_bytes, n0, n1, cr, ldc); break;
+      }
+    }
+  }
+}
+
+// ---- dequantization: rows of blocks -> float32 ---------------------------------------------------------------
+
+template <int T>
+void dequant_row(const uint8_t* wrow, int64_t k, float* out, int64_t stride) {
+  using F = Format<T>;
+  Group g;
+  for (int64_t blk = 0; blk < k / F::G; ++blk) {
+    unpack<T>(wrow + blk * F::bytes, g);
+    float* o = out + blk * F::G * stride;
+    // (One flat loop: GCC 12 at -O2/-O3 miscompiled the same loop nested per 16-weight half.)
+    for (int i = 0; i < F::G; ++i)
+      o[i * stride] = F::has_min ? g.s[i / 16] * static_cast<float>(g.q[i]) - g.m[i / 32] : g.s[i / 16] * static_cast<float>(g.q[i]);
+  }
+}
+
+template <int T>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t count, int64_t k, float* out,
+                  int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t r = 0; r < count; ++r) dequant_row<T>(w + rows[r] * row_bytes, k, out + r * k, 1);
+}
+
+// tmp [PW][k] (rows k apart) -> panel [k][PW]: 8 x 8 register transposes where AVX2 has them.
+inline void transpose_to_panel(const float* tmp, int64_t k, float* panel) {
+  int64_t kk0 = 0;
+#if defined(__AVX2__)
+  for (; kk0 + 8 <= k; kk0 += 8)
+    for (int jb = 0; jb < PW; jb += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(tmp + (jb + i) * k + kk0);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(panel + (kk0 + i) * PW + jb, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(panel + (kk0 + i + 4) * PW + jb, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+#endif
+  for (int64_t kk = kk0; kk < k; ++kk)
+    for (int j = 0; j < PW; ++j) panel[kk * PW + j] = tmp[j * k + kk];
+}
+
+template <int T>
+void panel_gemm_q(const float* a, int64_t m, int64_t k, int64_t lda, const uint8_t* w, int64_t n, int64_t row_bytes,
+                  float* c, int64_t ldc, int num_threads) {
+  const int64_t tiles = (m + MR - 1) / MR, panels = (n + PW - 1) / PW, groups = (panels + NR - 1) / NR;
+  float* ap = static_cast<float*>(std::malloc(sizeof(float) * tiles * k * MR));
+  if (ap == nullptr) return;
+#pragma omp parallel num_threads(num_threads)
+  {
+    pack_a_tiles(a, m, k, lda, ap);
+    // This thread's NR panels [NR][k][PW], and PW dequantized rows [PW][k] on their way into a panel.
+    float* buf = static_cast<float*>(std::malloc(sizeof(float) * (NR + 1) * k * PW));
+    float* tmp = buf + NR * k * PW;
+#pragma omp for schedule(static)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      if (buf == nullptr) continue;
+      const int64_t q0 = grp * NR, np = std::min<int64_t>(NR, panels - q0), c0 = q0 * PW;
+      const int64_t cols = std::min<int64_t>(np * PW, n - c0);
+      for (int64_t p = 0; p < np; ++p) {
+        for (int j = 0; j < PW; ++j) {
+          const int64_t row = c0 + p * PW + j;
+          if (row < n)
+            dequant_row<T>(w + row * row_bytes, k, tmp + j * k, 1);
+          else
+            std::memset(tmp + j * k, 0, sizeof(float) * k);
+        }
+        transpose_to_panel(tmp, k, buf + p * k * PW);
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
+        const float* at = ap + t * k * MR;
+        float* ct = c + t * MR * ldc + c0;
+        if (np == NR)
+          tile<NR>(r, at, buf, k, ct, ldc, cols, buf, 0);
+        else if (np == kMid)
+          tile<kMid>(r, at, buf, k, ct, ldc, cols, buf, 0);
+        else
+          tile<1>(r, at, buf, k, ct, ldc, cols, buf, 0);
+      }
+    }
+    std::free(buf);
+  }
+  std::free(ap);
+}
+
+template <template <int> class Op, typename... Args>
+int dispatch(int type, Args... args) {
+  switch (type) {
+    case kQ8_0: Op<kQ8_0>::run(args...); return 0;
+    case kQ4_0: Op<kQ4_0>::run(args...); return 0;
+    case kQ5_0: Op<kQ5_0>::run(args...); return 0;
+    case kQ4_K: Op<kQ4_K>::run(args...); return 0;
+    case kQ5_K: Op<kQ5_K>::run(args...); return 0;
+    case kQ6_K: Op<kQ6_K>::run(args...); return 0;
+    default: return -1;
+  }
+}
+
+template <int T> struct Int8Op { template <typename... A> static void run(A... a) { int8_gemm<T>(a...); } };
+template <int T> struct PanelOp { template <typename... A> static void run(A... a) { panel_gemm_q<T>(a...); } };
+template <int T> struct DequantOp { template <typename... A> static void run(A... a) { dequant_rows<T>(a...); } };
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -1 for a type without a kernel (the caller checks first; this is a last guard).
+int quant_gemm_int8(int type, const int8_t* qx, const float* d, const float* sums, int64_t m, int64_t k,
+                    const uint8_t* w, int64_t n, int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
+  return dispatch<Int8Op>(type, qx, d, sums, m, k, w, n, row_bytes, c, ldc, num_threads);
+}
+
+int quant_gemm_panels(int type, const float* a, int64_t m, int64_t k, int64_t lda, const uint8_t* w, int64_t n,
+                      int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
+  if (m <= 0 || n <= 0) return 0;
+  return dispatch<PanelOp>(type, a, m, k, lda, w, n, row_bytes, c, ldc, num_threads);
+}
+
+int quant_dequant_rows(int type, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t count, int64_t k,
+                       float* out, int num_threads) {
+  return dispatch<DequantOp>(type, w, row_bytes, rows, count, k, out, num_threads);
+}
+
+// x [m, k] (row stride ldx, k a multiple of 32) -> q [m, k] int8, d and sums [m, k/32] float32.
+void quantize_act_q8(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t* q, float* d, float* sums,
+                     int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (m > 1)
+  for (int64_t r = 0; r < m; ++r) quantize_row_q8(x + r * ldx, k, q + r * k, d + r * (k / 32), sums + r * (k / 32));
+}
+
+}  // extern "C"

@@ -1,0 +1,124 @@
+"""Typed wrappers over the quantized-weight kernels of the native library (csrc/quant_gemm.cpp).
+
+Two products over the same blocks (layers/quantized.py picks by row count):
+- `gemm_int8`: activations quantized once per layer to 8-bit blocks (`quantize_activations`), integer dot
+  products per block, block scales in float32 (decode: reads the blocks once, ~4-7x fewer bytes than float32);
+- `gemm_panels`: weights dequantized on the fly into float32 panels for the panel GEMM microkernel (prefill and
+  large batches: float32 arithmetic on exact activations, no dense copy kept).
+Oracle: kernels/quant_reference.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from tokenmill.kernels.quant_format import QuantizedTensor, has_kernel
+
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _bind(f, argtypes: list, restype=ctypes.c_int):
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+def _check_out(out: torch.Tensor, rows: int, n: int) -> None:
+    if out.shape != (rows, n) or out.dtype != torch.float32 or out.device.type != "cpu" or out.stride(1) != 1:
+        raise ValueError(f"quantized gemm: out must be CPU float32 [{rows}, {n}] with contiguous rows")
+
+
+class QuantActivations:
+    """x [m, k] quantized to int8 blocks of 32: q [m, k] int8; d, sums [m, k/32] float32 (the block's scale, and
+    the scale times the sum of its quants)."""
+
+    __slots__ = ("d", "k", "q", "rows", "sums")
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, sums: torch.Tensor):
+        self.q, self.d, self.sums = q, d, sums
+        self.rows, self.k = q.shape
+
+
+class QuantKernels:
+    def __init__(self, lib: ctypes.CDLL):
+        self._quantize = _bind(lib.quantize_act_q8, [_p, _i64, _i64, _i64, _p, _p, _p, _int], None)
+        self._int8 = _bind(lib.quant_gemm_int8, [_int, _p, _p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
+        self._panels = _bind(lib.quant_gemm_panels, [_int, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
+        self._dequant = _bind(lib.quant_dequant_rows, [_int, _p, _i64, _p, _i64, _i64, _p, _int])
+
+    def quantize_activations(self, x: torch.Tensor) -> QuantActivations:
+        """A CPU float32 [m, k] (k a multiple of 32, rows contiguous) as 8-bit blocks (round half to even)."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] % 32 or x.stride(1) != 1:
+            raise ValueError("quantize_activations: x must be CPU float32 [m, k] with k % 32 == 0, rows contiguous")
+        m, k = x.shape
+        q = torch.empty((m, k), dtype=torch.int8)
+        d = torch.empty((m, k // 32), dtype=torch.float32)
+        sums = torch.empty((m, k // 32), dtype=torch.float32)
+        self._quantize(x.data_ptr(), m, k, x.stride(0), q.data_ptr(), d.data_ptr(), sums.data_ptr(),
+                       torch.get_num_threads())
+        return QuantActivations(q, d, sums)
+
+    def gemm_int8(self, acts: QuantActivations, weight: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
+        """out [m, n] = acts @ W.T (out may be a column slice of a wider row-contiguous buffer)."""
+        n, k = weight.shape
+        self._check(weight, acts.k)
+        _check_out(out, acts.rows, n)
+        self._int8(int(weight.qtype), acts.q.data_ptr(), acts.d.data_ptr(), acts.sums.data_ptr(), acts.rows, k,
+                   weight.blocks.data_ptr(),
+                   n, weight.blocks.shape[1], out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return out
+
+    def gemm_panels(self, x: torch.Tensor, weight: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
+        """out [m, n] = x @ dequantize(W).T in float32 (x CPU float32 [m, k], rows contiguous)."""
+        n, k = weight.shape
+        self._check(weight, x.shape[-1])
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
+            raise ValueError("gemm_panels: x must be CPU float32 [m, k] with contiguous rows")
+        _check_out(out, x.shape[0], n)
+        self._panels(int(weight.qtype), x.data_ptr(), x.shape[0], k, x.stride(0), weight.blocks.data_ptr(), n,
+                     weight.blocks.shape[1], out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return out
+
+    def linear(self, x: torch.Tensor, parts: list[tuple[int, QuantizedTensor]], out: torch.Tensor, int8: bool) -> None:
+        """out[:, off : off + rows_i] = x @ W_i.T for every (off, W_i) part, all from one quantization of x when
+        int8, else through the panels. One argument check for the whole layer (decode calls this ~70 times per
+        token): x CPU float32 [m, k] with contiguous rows, out [m, >= off + rows_i] likewise, parts of k columns."""
+        m, k = x.shape
+        if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or out.stride(1) != 1 \
+                or out.shape[0] != m or out.device.type != "cpu" or x.device.type != "cpu":
+            raise ValueError("quantized linear: x and out must be CPU float32 with contiguous rows and equal row counts")
+        for off, weight in parts:
+            self._check(weight, k)
+            if off + weight.shape[0] > out.shape[1]:
+                raise ValueError(f"quantized linear: part at {off} of {weight.shape[0]} rows overflows out {tuple(out.shape)}")
+        threads = torch.get_num_threads()
+        if int8:
+            acts = self.quantize_activations(x)
+            for off, weight in parts:
+                self._int8(int(weight.qtype), acts.q.data_ptr(), acts.d.data_ptr(), acts.sums.data_ptr(), m, k,
+                           weight.blocks.data_ptr(), weight.shape[0], weight.blocks.shape[1], out.data_ptr() + 4 * off,
+                           out.stride(0), threads)
+        else:
+            for off, weight in parts:
+                self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
+                             weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
+
+    def dequantize_rows(self, weight: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
+        """float32 [len(rows), k]: the given rows of W (an embedding lookup that dequantizes only what it reads)."""
+        self._check(weight, weight.shape[1])
+        ids = rows.reshape(-1).to(torch.int64).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+            raise IndexError(f"dequantize_rows: row ids must be in [0, {weight.shape[0]})")
+        out = torch.empty((ids.numel(), weight.shape[1]), dtype=torch.float32)
+        self._dequant(int(weight.qtype), weight.blocks.data_ptr(), weight.blocks.shape[1], ids.data_ptr(), ids.numel(),
+                      weight.shape[1], out.data_ptr(), torch.get_num_threads())
+        return out.view(*rows.shape, weight.shape[1])
+
+    @staticmethod
+    def _check(weight: QuantizedTensor, k: int) -> None:
+        if not has_kernel(weight.qtype):
+            raise ValueError(f"quantized gemm: no kernel for {weight.qtype.name}")
+        if k != weight.shape[1] or weight.blocks.dtype != torch.uint8 or not weight.blocks.is_contiguous():
+            raise ValueError(f"quantized gemm: x has {k} features, the {weight.qtype.name} weight {weight.shape}")

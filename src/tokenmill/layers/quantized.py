@@ -1,0 +1,115 @@
+"""Weights kept as GGUF blocks: how a module holds them, the linear method over them, the embedding lookup.
+
+A loader hands a module a QuantizedTensor instead of a dense tensor (`load_quantized`; a fused q/k/v or
+gate/up layer gets one per shard, and the shards may differ in type, as in llama.cpp's mixes). The module
+keeps its dense parameter unwritten until the model runner prepares it (`layers/linear.py:
+prepare_linears_for_cpu`), which then installs one of:
+- `QuantizedLinear`: x @ W.T over the blocks (native kernels; the model code calls the module as before);
+- `QuantizedEmbedding`: the token lookup dequantizes only the rows it gathers;
+- or, without native kernels, `densify`: the blocks dequantized into the dense parameter (the exact path).
+The LM head reads a tied embedding's blocks through QuantizedLinear too (layers/lm_head.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.kernels.quant_format import QuantizedTensor
+from tokenmill.kernels.quant_kernels import QuantKernels
+from tokenmill.model.gguf_dequant import dequantize
+
+_ATTR = "quantized_parts"
+# Rows up to which the 8-bit activation kernel runs; above it, weights are dequantized into float32 panels for
+# the panel GEMM (benchmarks/quantized_gemm.py: the int8 kernel wins below ~8-16 rows on the AVX2 EPYC).
+INT8_MAX_ROWS = 8
+
+
+def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
+    """Give `module` a block weight for `param` (or for one shard of it). Modules that cannot run blocks (any
+    but linear, embedding and LM head layers) get the dequantized values at once."""
+    if weight.shape[1] != param.shape[-1] or (shard is None and tuple(param.shape) != weight.shape):
+        raise ValueError(f"quantized weight of shape {weight.shape} for a parameter of shape {tuple(param.shape)}")
+    if isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "accepts_quantized", False):
+        module.__dict__.setdefault(_ATTR, {})[shard] = weight
+        return
+    with torch.no_grad():
+        param.copy_(dequantize(weight.blocks, weight.qtype, weight.shape))
+
+
+def has_block_parts(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(_ATTR))
+
+
+def quantized_parts(module: nn.Module) -> list[tuple[int, QuantizedTensor]] | None:
+    """(first output row, blocks) per part when every row of the module's weight arrived as blocks, else None."""
+    parts = module.__dict__.get(_ATTR)
+    if not parts:
+        return None
+    if None in parts:  # the whole matrix as one block tensor (a fused layer quantized at load, or any other)
+        return [(0, parts[None])]
+    offsets = getattr(module, "shard_offsets", None)
+    if offsets is None or set(parts) != set(offsets):
+        return None
+    return [(offsets[s][0], parts[s]) for s in offsets]
+
+
+def densify(module: nn.Module, weight: torch.Tensor) -> None:
+    """Dequantize every block part of `module` into `weight` (its dense parameter) and forget the blocks."""
+    parts = module.__dict__.pop(_ATTR, None) or {}
+    offsets = getattr(module, "shard_offsets", None)
+    with torch.no_grad():
+        for shard, qt in parts.items():
+            start = 0 if shard is None else offsets[shard][0]
+            weight[start : start + qt.shape[0]].copy_(dequantize(qt.blocks, qt.qtype, qt.shape))
+
+
+def describe(model: nn.Module) -> str:
+    """'Q5_0 x90, Q8_0 x10, ...' over the block weights the model holds, or '' when it holds none."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        for qt in (module.__dict__.get(_ATTR) or {}).values():
+            counts[qt.qtype.name] = counts.get(qt.qtype.name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+class QuantizedLinear:
+    """x @ W.T (+ b) with W as block parts stacked along the output rows; float32 out (x's dtype for linears).
+
+    Up to `int8_max_rows` rows: activations quantized once to 8 bits, shared by every part, integer dot products.
+    More rows: each part dequantized panel by panel into float32 for the panel GEMM (exact activations)."""
+
+    def __init__(self, kernels: QuantKernels, parts: list[tuple[int, QuantizedTensor]], bias: torch.Tensor | None = None,
+                 keep_float32: bool = False, int8_max_rows: int = INT8_MAX_ROWS):
+        self.kernels = kernels
+        self.parts = parts
+        self.in_features = parts[0][1].shape[1]
+        self.out_features = max(off + qt.shape[0] for off, qt in parts)
+        self.bias = None if bias is None else bias.detach().float()
+        self.keep_float32 = keep_float32
+        self.int8_max_rows = int8_max_rows
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or x2.stride(1) != 1:
+            x2 = x2.float().contiguous()
+        rows = x2.shape[0]
+        if out is None:
+            out = torch.empty((rows, self.out_features), dtype=torch.float32)
+        if rows:
+            self.kernels.linear(x2, self.parts, out, int8=rows <= self.int8_max_rows)
+        if self.bias is not None:
+            out += self.bias
+        out = out.view(*lead, self.out_features)
+        return out if self.keep_float32 or x.dtype == torch.float32 else out.to(x.dtype)
+
+
+class QuantizedEmbedding:
+    """ids -> rows of the embedding in `dtype`, dequantizing only the gathered rows."""
+
+    def __init__(self, kernels: QuantKernels, weight: QuantizedTensor, dtype: torch.dtype):
+        self.kernels, self.weight, self.dtype = kernels, weight, dtype
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.kernels.dequantize_rows(self.weight, ids).to(self.dtype)

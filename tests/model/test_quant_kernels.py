@@ -1,0 +1,129 @@
+"""Quantized-weight kernels (kernels/csrc/quant_gemm.cpp) against their PyTorch oracles, on every
+instruction-set variant this machine runs, for every block type."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from tests.fixtures.quant_blocks import KERNEL_TYPE_NAMES, random_blocks
+from tests.model.test_cpu_kernels import RUNNABLE
+from tokenmill.kernels import quant_reference as ref
+from tokenmill.kernels.cpu_kernels import load_cpu_kernels
+from tokenmill.kernels.quant_format import QuantizedTensor
+from tokenmill.layers.quantized import QuantizedLinear
+
+
+@pytest.fixture(scope="module", params=RUNNABLE)
+def cpu_kernels(request):
+    """The native kernels of each instruction-set variant this machine runs."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: the native CPU kernels cannot be built here")
+    kernels = load_cpu_kernels(request.param)
+    assert kernels is not None and kernels.variant == request.param
+    return kernels
+
+
+def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedTensor:
+    return QuantizedTensor.from_bytes(torch.from_numpy(random_blocks(qtype, rows, k, seed=seed)), T[qtype], (rows, k))
+
+
+def _assert_product_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, weight: QuantizedTensor) -> None:
+    """float32 rounding of the scale products and the accumulation: relative to sum |x| |w| per output."""
+    bound = x.abs().double() @ ref.dequantize_weight(weight).abs().double().T
+    err = (got.double() - want).abs()
+    assert (err <= 1e-5 * bound + 1e-6).all(), f"max error {err.max().item()} (bound scale {bound.max().item()})"
+
+
+def test_activation_quantization_matches_reference(cpu_kernels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=g) * torch.tensor([1.0, 1e-3, 100.0, 1.0, 1.0]).unsqueeze(1)
+    x[3] = 0.0  # an all-zero row: scale 0, quants 0
+    x[4, :32] = torch.arange(32) - 16.5  # amax 16.5: not a tie
+    x[4, 32:64] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5] + [0.0] * 26)  # scale 1: ties round to even
+    acts = cpu_kernels.quant.quantize_activations(x)
+    q, d, sums = ref.quantize_activations(x)
+    assert torch.equal(acts.q, q) and torch.equal(acts.d, d)
+    torch.testing.assert_close(acts.sums, sums, rtol=0, atol=0)
+    assert acts.q[4, 32:38].tolist() == [127, 0, 2, 2, 0, -2]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+def test_dequantize_rows_matches_reference(cpu_kernels, qtype):
+    w = _weight(qtype, 37, 512)
+    ids = torch.tensor([[0, 36], [5, 5]])
+    got = cpu_kernels.quant.dequantize_rows(w, ids)
+    want = ref.dequantize_weight(w)[ids]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_int8_gemm_matches_reference(cpu_kernels, qtype, rows):
+    """Rows go 4 at a time (1-4 and remainders); n = 37 splits unevenly over threads."""
+    w = _weight(qtype, 37, 512, seed=rows)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    out = torch.empty(rows, 37)
+    cpu_kernels.quant.gemm_int8(cpu_kernels.quant.quantize_activations(x), w, out)
+    q, d, _ = ref.quantize_activations(x)
+    x_hat = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(rows, -1)
+    _assert_product_close(out, ref.gemm_int8(x, w), x_hat, w)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("rows", [1, 7, 20])
+def test_panel_gemm_matches_reference(cpu_kernels, qtype, rows):
+    """n = 67 leaves a partial panel and a partial group; rows past a multiple of the row tile."""
+    w = _weight(qtype, 67, 256, seed=rows)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    out = torch.empty(rows, 67)
+    cpu_kernels.quant.gemm_panels(x, w, out)
+    _assert_product_close(out, ref.gemm_panels(x, w), x, w)
+
+
+def test_int8_error_is_the_activation_rounding(cpu_kernels):
+    """Against the exact float product, the 8-bit activations cost at most half a quantization step per
+    element: |err| <= sum_i |w_i| * scale_block(i) / 2 (plus float32 rounding)."""
+    w = _weight("Q4_K", 64, 512)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3))
+    out = torch.empty(3, 64)
+    cpu_kernels.quant.gemm_int8(cpu_kernels.quant.quantize_activations(x), w, out)
+    exact = ref.gemm_panels(x, w)
+    _, d, _ = ref.quantize_activations(x)
+    half_step = (d.unsqueeze(-1).expand(3, 16, 32).reshape(3, 512) / 2).double()
+    bound = half_step @ ref.dequantize_weight(w).abs().double().T
+    assert ((out.double() - exact).abs() <= bound * 1.001 + 1e-5).all()
+    assert (out.double() - exact).abs().max() > 0  # the path really quantized the activations
+
+
+@pytest.mark.parametrize("rows", [3, 12])
+def test_quantized_linear_writes_mixed_parts_into_one_output(cpu_kernels, rows):
+    """A fused layer whose shards differ in type (q/k Q5_0, v Q8_0 as in llama.cpp's mixes), bias, bf16 input;
+    3 rows take the int8 kernel, 12 the panels."""
+    parts = [(0, _weight("Q5_0", 48, 256, 1)), (48, _weight("Q8_0", 16, 256, 2)), (64, _weight("Q6_K", 16, 256, 3))]
+    bias = torch.randn(80)
+    layer = QuantizedLinear(cpu_kernels.quant, parts, bias)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    dense = torch.cat([ref.dequantize_weight(qt) for _, qt in parts])
+    want = x @ dense.T + bias
+    got = layer(x)
+    assert got.shape == (rows, 80) and got.dtype == torch.float32
+    tol = 0.02 if rows <= layer.int8_max_rows else 1e-4  # 8-bit activations vs float32 ones
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0)
+    got_bf16 = layer(x.to(torch.bfloat16))
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16.float(), want, atol=0.03 * want.abs().max().item(), rtol=0)
+
+
+def test_unknown_type_and_bad_shapes_are_refused(cpu_kernels):
+    w = _weight("Q8_0", 4, 64)
+    with pytest.raises(ValueError, match="features"):
+        cpu_kernels.quant.gemm_panels(torch.randn(2, 32), w, torch.empty(2, 4))
+    bad = QuantizedTensor(w.blocks, T.Q2_K, (4, 64))
+    with pytest.raises(ValueError, match="no kernel for Q2_K"):
+        cpu_kernels.quant.gemm_panels(torch.randn(2, 64), bad, torch.empty(2, 4))
+    with pytest.raises(IndexError):
+        cpu_kernels.quant.dequantize_rows(w, torch.tensor([4]))
