@@ -41,12 +41,31 @@ class QuantActivations:
         self.rows, self.k = q.shape
 
 
+class LinearPlan:
+    """A layer's block parts and their kernel arguments as C arrays, built once (layers/quantized.py)."""
+
+    def __init__(self, parts: list[tuple[int, QuantizedTensor]], k: int):
+        self.parts, self.k = parts, k
+        self.width = max(off + w.shape[0] for off, w in parts)
+
+        def arr(ctype, values):
+            return (ctype * len(values))(*values)
+
+        self.types = arr(ctypes.c_int, [int(w.qtype) for _, w in parts])
+        self.pointers = arr(ctypes.c_int64, [w.blocks.data_ptr() for _, w in parts])  # the parts keep them alive
+        self.rows = arr(ctypes.c_int64, [w.shape[0] for _, w in parts])
+        self.row_bytes = arr(ctypes.c_int64, [w.blocks.shape[1] for _, w in parts])
+        self.cols = arr(ctypes.c_int64, [off for off, _ in parts])
+
+
 class QuantKernels:
     def __init__(self, lib: ctypes.CDLL):
         self._quantize = _bind(lib.quantize_act_q8, [_p, _i64, _i64, _i64, _p, _p, _p, _int], None)
         self._int8 = _bind(lib.quant_gemm_int8, [_int, _p, _p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
         self._panels = _bind(lib.quant_gemm_panels, [_int, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
         self._dequant = _bind(lib.quant_dequant_rows, [_int, _p, _i64, _p, _i64, _i64, _p, _int])
+        self._linear_int8 = _bind(lib.quant_linear_int8, [_p, _i64, _i64, _i64, _p, _p, _p, _int, _p, _p, _p, _p, _p,
+                                                          _p, _i64, _int])
 
     def quantize_activations(self, x: torch.Tensor) -> QuantActivations:
         """A CPU float32 [m, k] (k a multiple of 32, rows contiguous) as 8-bit blocks (round half to even)."""
@@ -81,29 +100,36 @@ class QuantKernels:
                      weight.blocks.shape[1], out.data_ptr(), out.stride(0), torch.get_num_threads())
         return out
 
-    def linear(self, x: torch.Tensor, parts: list[tuple[int, QuantizedTensor]], out: torch.Tensor, int8: bool) -> None:
-        """out[:, off : off + rows_i] = x @ W_i.T for every (off, W_i) part, all from one quantization of x when
-        int8, else through the panels. One argument check for the whole layer (decode calls this ~70 times per
-        token): x CPU float32 [m, k] with contiguous rows, out [m, >= off + rows_i] likewise, parts of k columns."""
+    def plan(self, parts: list[tuple[int, QuantizedTensor]]) -> LinearPlan:
+        """Check a layer's parts once (types with kernels, equal k) and keep their kernel arguments."""
+        k = parts[0][1].shape[1]
+        for _, weight in parts:
+            self._check(weight, k)
+        return LinearPlan(parts, k)
+
+    def linear(self, x: torch.Tensor, plan: LinearPlan, out: torch.Tensor, int8: bool) -> None:
+        """out[:, off : off + rows_i] = x @ W_i.T for every part of the plan. int8: x quantized once and all parts
+        in one native call (decode runs ~70 of these per token, so the per-call cost matters); else the panels,
+        part by part. x CPU float32 [m, k] with contiguous rows; out [m, >= plan.width] likewise."""
         m, k = x.shape
         if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or out.stride(1) != 1 \
-                or out.shape[0] != m or out.device.type != "cpu" or x.device.type != "cpu":
-            raise ValueError("quantized linear: x and out must be CPU float32 with contiguous rows and equal row counts")
-        for off, weight in parts:
-            self._check(weight, k)
-            if off + weight.shape[0] > out.shape[1]:
-                raise ValueError(f"quantized linear: part at {off} of {weight.shape[0]} rows overflows out {tuple(out.shape)}")
+                or out.shape[0] != m or out.shape[1] < plan.width or k != plan.k \
+                or out.device.type != "cpu" or x.device.type != "cpu":
+            raise ValueError(f"quantized linear: x must be CPU float32 [m, {plan.k}] and out [m, >= {plan.width}], "
+                             "both with contiguous rows")
         threads = torch.get_num_threads()
         if int8:
-            acts = self.quantize_activations(x)
-            for off, weight in parts:
-                self._int8(int(weight.qtype), acts.q.data_ptr(), acts.d.data_ptr(), acts.sums.data_ptr(), m, k,
-                           weight.blocks.data_ptr(), weight.shape[0], weight.blocks.shape[1], out.data_ptr() + 4 * off,
-                           out.stride(0), threads)
-        else:
-            for off, weight in parts:
-                self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
-                             weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
+            q = torch.empty((m, k), dtype=torch.int8)
+            ds = torch.empty(2 * m * (k // 32), dtype=torch.float32)  # block scales, then block sums
+            rc = self._linear_int8(x.data_ptr(), m, k, x.stride(0), q.data_ptr(), ds.data_ptr(),
+                                   ds.data_ptr() + 4 * m * (k // 32), len(plan.parts), plan.types, plan.pointers,
+                                   plan.rows, plan.row_bytes, plan.cols, out.data_ptr(), out.stride(0), threads)
+            if rc != 0:
+                raise ValueError("quantized linear: a part has a block type without a kernel")
+            return
+        for off, weight in plan.parts:
+            self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
+                         weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
 
     def dequantize_rows(self, weight: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
         """float32 [len(rows), k]: the given rows of W (an embedding lookup that dequantizes only what it reads)."""

@@ -12,6 +12,8 @@ The LM head reads a tied embedding's blocks through QuantizedLinear too (layers/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -21,8 +23,9 @@ from tokenmill.model.gguf_dequant import dequantize
 
 _ATTR = "quantized_parts"
 # Rows up to which the 8-bit activation kernel runs; above it, weights are dequantized into float32 panels for
-# the panel GEMM (benchmarks/quantized_gemm.py: the int8 kernel wins below ~8-16 rows on the AVX2 EPYC).
-INT8_MAX_ROWS = 8
+# the panel GEMM (benchmarks/quantized_gemm.py on the AVX2 EPYC: the int8 kernel is faster up to 16 rows on
+# every shape of the default model, the panels from 16-32 rows on).
+INT8_MAX_ROWS = 16
 
 
 def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
@@ -73,24 +76,52 @@ def describe(model: nn.Module) -> str:
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def keep_dense_for_batches(model: nn.Module) -> None:
+    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (the
+    --dense-batch-weights choice: batched throughput of the dense path for the dense path's memory)."""
+    for module in model.modules():
+        if module.__dict__.get(_ATTR):
+            module.__dict__["dense_batches"] = True
+
+
+def wants_dense_copy(module: nn.Module) -> bool:
+    return bool(module.__dict__.get("dense_batches"))
+
+
+def dequantized(parts: list[tuple[int, QuantizedTensor]], dtype: torch.dtype) -> torch.Tensor:
+    """The parts as one dense [rows, k] tensor of `dtype`."""
+    width = max(off + qt.shape[0] for off, qt in parts)
+    out = torch.empty((width, parts[0][1].shape[1]), dtype=dtype)
+    for off, qt in parts:
+        out[off : off + qt.shape[0]] = dequantize(qt.blocks, qt.qtype, qt.shape)
+    return out
+
+
+DenseRoute = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 class QuantizedLinear:
     """x @ W.T (+ b) with W as block parts stacked along the output rows; float32 out (x's dtype for linears).
 
     Up to `int8_max_rows` rows: activations quantized once to 8 bits, shared by every part, integer dot products.
-    More rows: each part dequantized panel by panel into float32 for the panel GEMM (exact activations)."""
+    More rows: `dense(x, out)` when the layer keeps a dense copy (--dense-batch-weights), else each part
+    dequantized panel by panel into float32 for the panel GEMM (exact activations, no copy kept)."""
 
     def __init__(self, kernels: QuantKernels, parts: list[tuple[int, QuantizedTensor]], bias: torch.Tensor | None = None,
-                 keep_float32: bool = False, int8_max_rows: int = INT8_MAX_ROWS):
+                 keep_float32: bool = False, int8_max_rows: int = INT8_MAX_ROWS, dense: DenseRoute | None = None):
         self.kernels = kernels
-        self.parts = parts
-        self.in_features = parts[0][1].shape[1]
-        self.out_features = max(off + qt.shape[0] for off, qt in parts)
+        self.dense = dense
+        self.plan = kernels.plan(parts)
+        self.in_features = self.plan.k
+        self.out_features = self.plan.width
         self.bias = None if bias is None else bias.detach().float()
         self.keep_float32 = keep_float32
         self.int8_max_rows = int8_max_rows
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.dense is not None and x.numel() > self.int8_max_rows * self.in_features:
+            return self.dense(x.reshape(-1, self.in_features), out).view(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or x2.stride(1) != 1:
             x2 = x2.float().contiguous()
@@ -98,7 +129,7 @@ class QuantizedLinear:
         if out is None:
             out = torch.empty((rows, self.out_features), dtype=torch.float32)
         if rows:
-            self.kernels.linear(x2, self.parts, out, int8=rows <= self.int8_max_rows)
+            self.kernels.linear(x2, self.plan, out, int8=rows <= self.int8_max_rows)
         if self.bias is not None:
             out += self.bias
         out = out.view(*lead, self.out_features)

@@ -103,45 +103,63 @@ template <> void unpack<kQ8_0>(const uint8_t* b, Group& g) {
   fill(g.s, 2, f16_to_f32(b));
 }
 
-template <> void unpack<kQ4_0>(const uint8_t* b, Group& g) {
-  const float d = f16_to_f32(b);
-  const uint8_t* qs = b + 2;
 #if defined(__AVX2__)
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), _mm256_sub_epi8(nib, _mm256_set1_epi8(8)));
-#else
-  for (int j = 0; j < 16; ++j) {
-    g.q[j] = static_cast<int8_t>((qs[j] & 15) - 8);
-    g.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - 8);
-  }
-#endif
-  fill(g.s, 2, d);
+// The 32 signed quants of a 32-weight block, in a register (the unpackers store them; the int8 product of
+// these types reads them straight from here).
+template <int T> __m256i load_q32(const uint8_t* b);
+
+template <> inline __m256i load_q32<kQ8_0>(const uint8_t* b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
 }
 
-template <> void unpack<kQ5_0>(const uint8_t* b, Group& g) {
-  const float d = f16_to_f32(b);
+template <> inline __m256i load_q32<kQ4_0>(const uint8_t* b) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
+  return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+}
+
+template <> inline __m256i load_q32<kQ5_0>(const uint8_t* b) {
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
-  const uint8_t* qs = b + 6;
-#if defined(__AVX2__)
   // Bit j of qh to byte j: broadcast the 4 bytes, pick byte j/8 per lane, test bit j%8.
   const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
                                           0x0303030303030303);
   const __m256i bitmask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
   __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), shuf);
   hb = _mm256_cmpeq_epi8(_mm256_or_si256(hb, bitmask), _mm256_set1_epi64x(-1));  // 0xff where the bit is set
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
   const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
   const __m256i q5 = _mm256_or_si256(nib, _mm256_and_si256(hb, _mm256_set1_epi8(16)));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), _mm256_sub_epi8(q5, _mm256_set1_epi8(16)));
+  return _mm256_sub_epi8(q5, _mm256_set1_epi8(16));
+}
+#endif
+
+template <> void unpack<kQ4_0>(const uint8_t* b, Group& g) {
+#if defined(__AVX2__)
+  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), load_q32<kQ4_0>(b));
 #else
+  const uint8_t* qs = b + 2;
+  for (int j = 0; j < 16; ++j) {
+    g.q[j] = static_cast<int8_t>((qs[j] & 15) - 8);
+    g.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - 8);
+  }
+#endif
+  fill(g.s, 2, f16_to_f32(b));
+}
+
+template <> void unpack<kQ5_0>(const uint8_t* b, Group& g) {
+#if defined(__AVX2__)
+  _mm256_store_si256(reinterpret_cast<__m256i*>(g.q), load_q32<kQ5_0>(b));
+#else
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
   for (int j = 0; j < 16; ++j) {
     g.q[j] = static_cast<int8_t>(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
     g.q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
   }
 #endif
-  fill(g.s, 2, d);
+  fill(g.s, 2, f16_to_f32(b));
 }
 
 inline void k_group_scales(const uint8_t* b, Group& g) {
@@ -338,6 +356,20 @@ inline float finish(const Lanes& acc) { return acc.v[0] + acc.v[1] - acc.m; }
 // One weight block against R activation rows, into accumulator set `set`.
 template <int T, int R, int set>
 inline void int8_block(Group& g, const uint8_t* b, const Acts& a, int64_t blk, Lanes* acc) {
+#if defined(__AVX2__)
+  if constexpr (Format<T>::G == 32) {  // one 32-weight block: its quants stay in a register
+    const __m256i w = load_q32<T>(b);
+    const __m256i uw = _mm256_sign_epi8(w, w);
+    const __m256 scale = _mm256_set1_ps(f16_to_f32(b));
+    const int64_t nb = a.k / 32;
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + 32 * blk)), w);
+      const __m256 p = _mm256_cvtepi32_ps(dot32(uw, x));
+      acc[r].v[set] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + blk)), acc[r].v[set]);
+    }
+    return;
+  }
+#endif
   const int8_t* wq = g.q;
   if constexpr (T == kQ8_0) {  // already one int8 per weight: read in place
     g.s[0] = g.s[1] = f16_to_f32(b);
@@ -368,28 +400,45 @@ void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, i
   }
 }
 
+// Output columns [n0, n1) of one part for all m activation rows, 4 rows at a time.
+template <int T>
+void int8_part(const Acts& all, int64_t m, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c,
+               int64_t ldc) {
+  const int64_t nb = all.k / 32;
+  for (int64_t r = 0; r < m; r += 4) {
+    const Acts a{all.q + r * all.k, all.d + r * nb, all.sum + r * nb, all.k};
+    float* cr = c + r * ldc;
+    switch (std::min<int64_t>(4, m - r)) {
+      case 4: int8_rows<T, 4>(a, w, row_bytes, n0, n1, cr, ldc); break;
+      case 3: int8_rows<T, 3>(a, w, row_bytes, n0, n1, cr, ldc); break;
+      case 2: int8_rows<T, 2>(a, w, row_bytes, n0, n1, cr, ldc); break;
+      default: int8_rows<T, 1>(a, w, row_bytes, n0, n1, cr, ldc); break;
+    }
+  }
+}
+
+template <int T> struct PartOp { template <typename... A> static void run(A... a) { int8_part<T>(a...); } };
+
+// This thread's share [n0, n1) of n output columns.
+inline void thread_share(int64_t n, int64_t& n0, int64_t& n1) {
+#if defined(_OPENMP)
+  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+  const int nt = 1, tid = 0;
+#endif
+  const int64_t per = (n + nt - 1) / nt;
+  n0 = std::min<int64_t>(n, tid * per);
+  n1 = std::min<int64_t>(n, n0 + per);
+}
+
 template <int T>
 void int8_gemm(const int8_t* qx, const float* d, const float* sums, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
-  // Threads own contiguous column ranges; rows go 4 at a time so each unpacked block serves 4 dot products.
 #pragma omp parallel num_threads(num_threads)
   {
-#if defined(_OPENMP)
-    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-#else
-    const int nt = 1, tid = 0;
-#endif
-    const int64_t per = (n + nt - 1) / nt, n0 = std::min<int64_t>(n, tid * per), n1 = std::min<int64_t>(n, n0 + per);
-    for (int64_t r = 0; r < m; r += 4) {
-      const Acts a{qx + r * k, d + r * (k / 32), sums + r * (k / 32), k};
-      float* cr = c + r * ldc;
-      switch (std::min<int64_t>(4, m - r)) {
-        case 4: int8_rows<T, 4>(a, w, row_bytes, n0, n1, cr, ldc); break;
-        case 3: int8_rows<T, 3>(a, w, row_bytes, n0, n1, cr, ldc); break;
-        case 2: int8_rows<T, 2>(a, w, row_bytes, n0, n1, cr, ldc); break;
-        default: int8_rows<T, 1>(a, w, row_bytes, n0, n1, cr, ldc); break;
-      }
-    }
+    int64_t n0, n1;
+    thread_share(n, n0, n1);
+    int8_part<T>(Acts{qx, d, sums, k}, m, w, row_bytes, n0, n1, c, ldc);
   }
 }
 
@@ -502,6 +551,7 @@ int dispatch(int type, Args... args) {
 
 template <int T> struct Int8Op { template <typename... A> static void run(A... a) { int8_gemm<T>(a...); } };
 template <int T> struct PanelOp { template <typename... A> static void run(A... a) { panel_gemm_q<T>(a...); } };
+template <int T> struct NoOp { static void run() {} };
 template <int T> struct DequantOp { template <typename... A> static void run(A... a) { dequant_rows<T>(a...); } };
 
 }  // namespace
@@ -523,6 +573,29 @@ int quant_gemm_panels(int type, const float* a, int64_t m, int64_t k, int64_t ld
 int quant_dequant_rows(int type, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t count, int64_t k,
                        float* out, int num_threads) {
   return dispatch<DequantOp>(type, w, row_bytes, rows, count, k, out, num_threads);
+}
+
+// A whole linear layer on few rows, in one call and one parallel region: x [m, k] (row stride ldx) quantized
+// into the caller's scratch (q [m, k], d and sums [m, k/32]), then every part i (a block weight of rows[i]
+// rows, type types[i], at address weights[i]) into columns cols[i] .. cols[i] + rows[i] of c.
+int quant_linear_int8(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t* q, float* d, float* sums,
+                      int nparts, const int* types, const int64_t* weights, const int64_t* rows,
+                      const int64_t* row_bytes, const int64_t* cols, float* c, int64_t ldc, int num_threads) {
+  for (int i = 0; i < nparts; ++i)
+    if (dispatch<NoOp>(types[i]) != 0) return -1;
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; ++r) quantize_row_q8(x + r * ldx, k, q + r * k, d + r * (k / 32), sums + r * (k / 32));
+    const Acts a{q, d, sums, k};  // (the loop's implicit barrier: every row is quantized before any is read)
+    for (int i = 0; i < nparts; ++i) {
+      int64_t n0, n1;
+      thread_share(rows[i], n0, n1);
+      dispatch<PartOp>(types[i], a, m, reinterpret_cast<const uint8_t*>(weights[i]), row_bytes[i], n0, n1,
+                       c + cols[i], ldc);
+    }
+  }
+  return 0;
 }
 
 // x [m, k] (row stride ldx, k a multiple of 32) -> q [m, k] int8, d and sums [m, k/32] float32.
