@@ -151,6 +151,9 @@ def test_kv_cache_dtype_is_checked_before_loading():
     app.command()(serve_command)
     res = CliRunner().invoke(app, ["--kv-cache-dtype", "fp8"])
     assert res.exit_code == 2 and "kv-cache-dtype" in res.output and "auto, float32 or bfloat16" in res.output
+    res = CliRunner().invoke(app, ["--quantization", "awq"])
+    text = " ".join(res.output.replace("│", " ").split())  # the error box wraps long lines
+    assert res.exit_code == 2 and "--quantization" in text and "auto, none, q8_0, q4_k" in text
 
 
 def test_bfloat16_load(tiny_qwen2_dir):

@@ -2,8 +2,8 @@
 tiny models, for every block type: the block path (fused shards of mixed types, llama's permuted q/k rows
 moved as whole blocks, the tied embedding looked up and used as LM head) computes the same model.
 
-Stated tolerances: more than 8 rows run the panel GEMM on float32 activations (max |diff| <= 1e-4 x the logit
-range); up to 8 rows run the 8-bit activation kernel (max |diff| <= 5% of the logit range, and the greedy
+Stated tolerances: more than INT8_MAX_ROWS (16) rows run the panel GEMM on float32 activations (max |diff| <= 1e-4 x the logit
+range); up to 16 rows run the 8-bit activation kernel (max |diff| <= 5% of the logit range, and the greedy
 token is the same at nearly every position)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tests.fixtures.gemma import prefill_logits, write_gguf_from_hf
 from tests.fixtures.quant_blocks import KERNEL_TYPE_NAMES
 from tests.fixtures.tiny_models import build_tiny_model
 from tokenmill.config import ModelConfig
+from tokenmill.layers.quantized import INT8_MAX_ROWS
 from tokenmill.model.loader import load_model
 
 LONG = [1, 5, 60, 100, 7, 300, 2, 9, 11, 40, 41, 42, 43, 200, 201, 17, 18, 19, 77, 78]
@@ -39,7 +40,7 @@ def _pair(path: Path):
 def _compare(auto, none, prompt) -> None:
     got, want = prefill_logits(auto.model, prompt), prefill_logits(none.model, prompt)
     scale = (want.max() - want.min()).item()
-    if len(prompt) > 8:
+    if len(prompt) > INT8_MAX_ROWS:
         torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=0)
     else:
         assert (got - want).abs().max().item() <= 0.05 * scale
@@ -124,3 +125,18 @@ def test_hf_checkpoint_quantized_at_load(method, wide_llama, gguf_cache_dir):
     again = load_model(ModelConfig(model=str(wide_llama), dtype="float32", quantization=method))
     assert list((cache_root() / "quantized").iterdir()) == entries  # read back, not rebuilt
     torch.testing.assert_close(prefill_logits(again.model, LONG), got, atol=0, rtol=0)
+
+
+def test_dense_batch_weights_route_big_steps_to_a_dense_copy(wide_llama, tmp_path, gguf_cache_dir):
+    """--dense-batch-weights: steps over INT8_MAX_ROWS rows run a dense (dequantized) copy, the same numbers
+    as quantization=none up to float32 summation order; small steps still read the blocks."""
+    mix = {"v_proj": "Q8_0", "down_proj": "Q6_K", "lm_head": "Q6_K"}
+    path = write_gguf_from_hf(wide_llama, tmp_path / "llama-dense.gguf", "llama", "Q4_K", overrides=mix,
+                              random_blocks=True)
+    none = load_model(ModelConfig(model=str(path), dtype="float32", quantization="none"))
+    both = load_model(ModelConfig(model=str(path), dtype="float32", dense_batch_weights=True))
+    layer = both.model.model.layers[0].mlp.down_proj.forward
+    assert layer.dense is not None and both.model.lm_head._project.dense is not None
+    want = prefill_logits(none.model, LONG)
+    torch.testing.assert_close(prefill_logits(both.model, LONG), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    _compare(both, none, SHORT)

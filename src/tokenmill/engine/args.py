@@ -37,6 +37,7 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         chat_template=kw.pop("chat_template", None),
         seed=kw.pop("seed", 0) or 0,
         quantization=check_quantization(kw.pop("quantization", None)),
+        dense_batch_weights=bool(kw.pop("dense_batch_weights", False)),
     )
     c = CacheConfig(
         block_size=kw.pop("block_size", None) or 16,

@@ -6,6 +6,8 @@ one larger GEMM beats three small ones. Each fused layer knows where each named 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -16,9 +18,11 @@ from tokenmill.layers.quantized import (
     QuantizedEmbedding,
     QuantizedLinear,
     densify,
+    dequantized,
     has_block_parts,
     load_quantized,
     quantized_parts,
+    wants_dense_copy,
 )
 
 
@@ -164,4 +168,16 @@ def _quantized_method(module: nn.Module, kernels: CpuKernels | None) -> Quantize
         return None
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(kernels.quant, parts[0][1], module.weight.dtype)
-    return QuantizedLinear(kernels.quant, parts, module.bias)
+    dense = None
+    if wants_dense_copy(module):  # --dense-batch-weights: the dense layout of this weight, for big batches
+        weight = dequantized(parts, module.weight.dtype)
+        method = try_pack(weight, module.bias) or (PanelLinear(kernels, weight, module.bias)
+                                                   if weight.dtype == torch.bfloat16 else None)
+        if method is None:
+            weight = column_major(weight)
+            method = partial(torch.nn.functional.linear, weight=weight, bias=module.bias)
+
+        def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+            return method(x)
+
+    return QuantizedLinear(kernels.quant, parts, module.bias, dense=dense)

@@ -23,7 +23,13 @@ from torch import nn
 
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.layers.linear import column_major, try_pack
-from tokenmill.layers.quantized import QuantizedLinear, densify, quantized_parts
+from tokenmill.layers.quantized import (
+    QuantizedLinear,
+    densify,
+    dequantized,
+    quantized_parts,
+    wants_dense_copy,
+)
 
 
 class LMHead(nn.Module):
@@ -49,7 +55,14 @@ class LMHead(nn.Module):
         owner = self._tied[0] if self._tied else self
         parts = quantized_parts(owner)
         if parts is not None and kernels is not None:  # the blocks as stored: 8-bit dot products for decode
-            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True)
+            dense = None
+            if wants_dense_copy(owner):  # --dense-batch-weights: float32 panels for steps with many sequences
+                panels = kernels.pack_panels(dequantized(parts, torch.float32))
+
+                def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+                    return kernels.panel_gemm(x, panels, out=out)
+
+            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, dense=dense)
             self._writes_out = True
             if not self._tied:
                 self.weight = nn.Parameter(torch.empty(0), requires_grad=False)

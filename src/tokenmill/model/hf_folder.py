@@ -13,7 +13,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.linear import prepare_linears_for_cpu
-from tokenmill.layers.quantized import describe, has_block_parts
+from tokenmill.layers.quantized import describe, has_block_parts, keep_dense_for_batches
 from tokenmill.model.loader import (
     LoadedModel,
     choose_dtype,
@@ -48,7 +48,7 @@ def load_hf_folder(cfg: ModelConfig) -> LoadedModel:
         def quantize(model: torch.nn.Module) -> None:
             quantize_dense_model(model, cfg.quantization, safetensors_files(folder))
 
-    model = build_model(cls, config, dtype, device, iter_safetensors(folder), quantize)
+    model = build_model(cls, config, dtype, device, iter_safetensors(folder), quantize, cfg.dense_batch_weights)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -137,7 +137,8 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device, weights,
-                quantize: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+                quantize: Callable[[torch.nn.Module], None] | None = None,
+                dense_batches: bool = False) -> torch.nn.Module:
     """Construct on the meta device (no random init), materialise on `device`, fill every parameter; then
     `quantize` (if given) may turn dense matrices into blocks before the layouts are prepared."""
     with torch.device("meta"):
@@ -151,6 +152,8 @@ def build_model(cls: type, config: Any, dtype: torch.dtype, device: torch.device
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for {cls.__name__}: {shown}")
     if quantize is not None:
         quantize(model)
+    if dense_batches:
+        keep_dense_for_batches(model)
     return finalize_model(model)
 
 
