@@ -8,7 +8,8 @@ and in row chunks so a 167M-element embedding never needs more than one chunk of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -123,3 +124,15 @@ def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: GGMLQuantizationType, 
         stop = start + _CHUNK_BLOCKS
         out[start:stop] = fn(blocks[start:stop])
     return out.reshape(shape)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Dequantization (and quantization: gguf_quantize) is many small element-wise ops: with 2 threads on a busy 2-core machine OpenMP
+    waits cost 4x (measured 14.9 s vs 3.6 s for Gemma 3 270M); one thread is never much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -32,12 +32,13 @@ output: 10-20 MB (Q8_0), ~22 MB (Q4_K).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tokenmill.model.gguf_dequant import one_torch_thread
 
 SUPPORTED = {"q8_0": GGMLQuantizationType.Q8_0, "q4_k": GGMLQuantizationType.Q4_K}
 
@@ -75,7 +76,7 @@ def quantize(weight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     # Every big temporary lives in one buffer for the whole call: fresh MB-sized tensors per op cost
     # more in page faults than the arithmetic.
     scratch = torch.empty(kind.scratch_per_weight * step * k + kind.scratch_fixed)
-    with torch.inference_mode(), _one_torch_thread():
+    with torch.inference_mode(), one_torch_thread():
         for start in range(0, rows, step):
             x = weight[start : start + step].to(device="cpu", dtype=torch.float32).reshape(-1, block_elems)
             kind.fn(x, out[start : start + step].view(-1, block_bytes), scratch)
@@ -94,17 +95,6 @@ def _resolve(qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, _Kind]:
     if qtype not in kinds:
         raise ValueError(f"gguf_quantize: cannot quantize to {qtype.name} (supported: Q8_0, Q4_K)")
     return qtype, kinds[qtype]
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """torch's intra-op thread count is process-wide: set to 1 for the call, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
