@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quantization", default="auto",
+                    help="auto (the GGUF's blocks kept, the default) | none (dequantized to the model dtype)")
+    ap.add_argument("--dense-batch-weights", action="store_true",
+                    help="with blocks kept: a dense copy for steps over 16 rows (tokenmill serve --dense-batch-weights)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of (tokenmill W1, transformers static batch, transformers one-at-a-time); medians")
     args = ap.parse_args()
@@ -70,7 +74,8 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = tokenmill.LLM(path, max_model_len=args.prompt_len + args.output_len + 16, kv_cache_memory=1.0,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=False)
+                        enable_prefix_caching=False, quantization=args.quantization,
+                        dense_batch_weights=args.dense_batch_weights)
     load_s = time.perf_counter() - t0
     prompts = make_prompts(args.num_requests, args.prompt_len, llm.loaded.vocab_size)
     total_out = args.num_requests * args.output_len
