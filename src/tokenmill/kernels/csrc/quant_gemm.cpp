@@ -451,7 +451,8 @@ void dequant_row(const uint8_t* wrow, int64_t k, float* out, int64_t stride) {
   for (int64_t blk = 0; blk < k / F::G; ++blk) {
     unpack<T>(wrow + blk * F::bytes, g);
     float* o = out + blk * F::G * stride;
-    // (One flat loop: GCC 12 at -O2/-O3 miscompiled the same loop nested per 16-weight half.)
+    // (One flat loop: the same loop nested per 16-weight half left the output unwritten under GCC 12 -O2/-O3,
+    // root cause not found; the oracle tests run every variant.)
     for (int i = 0; i < F::G; ++i)
       o[i * stride] = F::has_min ? g.s[i / 16] * static_cast<float>(g.q[i]) - g.m[i / 32] : g.s[i / 16] * static_cast<float>(g.q[i]);
   }
