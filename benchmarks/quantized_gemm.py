@@ -68,8 +68,9 @@ def main() -> None:
                 continue
             x = torch.randn(rows, shape[1])
             out = torch.empty(rows, shape[0])
-            int8 = _time(lambda x=x, w=weight, out=out: qk.gemm_int8(qk.quantize_activations(x), w, out), reps)
-            panels = _time(lambda x=x, w=weight, out=out: qk.gemm_panels(x, w, out), reps)
+            plan = qk.plan([(0, weight)])
+            int8 = _time(lambda x=x, plan=plan, out=out: qk.linear(x, plan, out, int8=True), reps)
+            panels = _time(lambda x=x, plan=plan, out=out: qk.linear(x, plan, out, int8=False), reps)
             fp32 = _time(lambda x=x, dense=dense: dense(x), reps)
             results.append({"tensor": name, "type": weight.qtype.name, "shape": list(shape), "rows": rows,
                             "int8_ms": round(int8, 4), "panels_ms": round(panels, 4), "fp32_ms": round(fp32, 4),

@@ -67,7 +67,7 @@ def test_int8_gemm_matches_reference(cpu_kernels, qtype, rows):
     w = _weight(qtype, 37, 512, seed=rows)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
     out = torch.empty(rows, 37)
-    cpu_kernels.quant.gemm_int8(cpu_kernels.quant.quantize_activations(x), w, out)
+    cpu_kernels.quant.linear(x, cpu_kernels.quant.plan([(0, w)]), out, int8=True)
     q, d, _ = ref.quantize_activations(x)
     x_hat = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(rows, -1)
     _assert_product_close(out, ref.gemm_int8(x, w), x_hat, w)
@@ -80,7 +80,7 @@ def test_panel_gemm_matches_reference(cpu_kernels, qtype, rows):
     w = _weight(qtype, 67, 256, seed=rows)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     out = torch.empty(rows, 67)
-    cpu_kernels.quant.gemm_panels(x, w, out)
+    cpu_kernels.quant.linear(x, cpu_kernels.quant.plan([(0, w)]), out, int8=False)
     _assert_product_close(out, ref.gemm_panels(x, w), x, w)
 
 
@@ -90,7 +90,7 @@ def test_int8_error_is_the_activation_rounding(cpu_kernels):
     w = _weight("Q4_K", 64, 512)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3))
     out = torch.empty(3, 64)
-    cpu_kernels.quant.gemm_int8(cpu_kernels.quant.quantize_activations(x), w, out)
+    cpu_kernels.quant.linear(x, cpu_kernels.quant.plan([(0, w)]), out, int8=True)
     exact = ref.gemm_panels(x, w)
     _, d, _ = ref.quantize_activations(x)
     half_step = (d.unsqueeze(-1).expand(3, 16, 32).reshape(3, 512) / 2).double()
@@ -121,9 +121,9 @@ def test_quantized_linear_writes_mixed_parts_into_one_output(cpu_kernels, rows):
 def test_unknown_type_and_bad_shapes_are_refused(cpu_kernels):
     w = _weight("Q8_0", 4, 64)
     with pytest.raises(ValueError, match="features"):
-        cpu_kernels.quant.gemm_panels(torch.randn(2, 32), w, torch.empty(2, 4))
+        cpu_kernels.quant.linear(torch.randn(2, 32), cpu_kernels.quant.plan([(0, w)]), torch.empty(2, 4), int8=False)
     bad = QuantizedTensor(w.blocks, T.Q2_K, (4, 64))
     with pytest.raises(ValueError, match="no kernel for Q2_K"):
-        cpu_kernels.quant.gemm_panels(torch.randn(2, 64), bad, torch.empty(2, 4))
+        cpu_kernels.quant.plan([(0, bad)])
     with pytest.raises(IndexError):
         cpu_kernels.quant.dequantize_rows(w, torch.tensor([4]))

@@ -1,10 +1,12 @@
 """Typed wrappers over the quantized-weight kernels of the native library (csrc/quant_gemm.cpp).
 
-Two products over the same blocks (layers/quantized.py picks by row count):
-- `gemm_int8`: activations quantized once per layer to 8-bit blocks (`quantize_activations`), integer dot
-  products per block, block scales in float32 (decode: reads the blocks once, ~4-7x fewer bytes than float32);
-- `gemm_panels`: weights dequantized on the fly into float32 panels for the panel GEMM microkernel (prefill and
-  large batches: float32 arithmetic on exact activations, no dense copy kept).
+`linear` runs one layer (its block parts, checked once into a `plan`) by one of two products, picked by the
+caller by row count (layers/quantized.py):
+- int8: activations quantized once per layer to 8-bit blocks (what `quantize_activations` computes alone),
+  integer dot products per block, block scales in float32 (decode: reads the blocks once, ~4-7x fewer bytes
+  than float32);
+- panels: weights dequantized on the fly into float32 panels for the panel GEMM microkernel (prefill and large
+  batches: float32 arithmetic on exact activations, no dense copy kept).
 Oracle: kernels/quant_reference.py.
 """
 
@@ -23,11 +25,6 @@ def _bind(f, argtypes: list, restype=ctypes.c_int):
     f.restype = restype
     f.argtypes = argtypes
     return f
-
-
-def _check_out(out: torch.Tensor, rows: int, n: int) -> None:
-    if out.shape != (rows, n) or out.dtype != torch.float32 or out.device.type != "cpu" or out.stride(1) != 1:
-        raise ValueError(f"quantized gemm: out must be CPU float32 [{rows}, {n}] with contiguous rows")
 
 
 class QuantActivations:
@@ -61,7 +58,6 @@ class LinearPlan:
 class QuantKernels:
     def __init__(self, lib: ctypes.CDLL):
         self._quantize = _bind(lib.quantize_act_q8, [_p, _i64, _i64, _i64, _p, _p, _p, _int], None)
-        self._int8 = _bind(lib.quant_gemm_int8, [_int, _p, _p, _p, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
         self._panels = _bind(lib.quant_gemm_panels, [_int, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
         self._dequant = _bind(lib.quant_dequant_rows, [_int, _p, _i64, _p, _i64, _i64, _p, _int])
         self._linear_int8 = _bind(lib.quant_linear_int8, [_p, _i64, _i64, _i64, _p, _p, _p, _int, _p, _p, _p, _p, _p,
@@ -79,27 +75,6 @@ class QuantKernels:
                        torch.get_num_threads())
         return QuantActivations(q, d, sums)
 
-    def gemm_int8(self, acts: QuantActivations, weight: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
-        """out [m, n] = acts @ W.T (out may be a column slice of a wider row-contiguous buffer)."""
-        n, k = weight.shape
-        self._check(weight, acts.k)
-        _check_out(out, acts.rows, n)
-        self._int8(int(weight.qtype), acts.q.data_ptr(), acts.d.data_ptr(), acts.sums.data_ptr(), acts.rows, k,
-                   weight.blocks.data_ptr(),
-                   n, weight.blocks.shape[1], out.data_ptr(), out.stride(0), torch.get_num_threads())
-        return out
-
-    def gemm_panels(self, x: torch.Tensor, weight: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
-        """out [m, n] = x @ dequantize(W).T in float32 (x CPU float32 [m, k], rows contiguous)."""
-        n, k = weight.shape
-        self._check(weight, x.shape[-1])
-        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
-            raise ValueError("gemm_panels: x must be CPU float32 [m, k] with contiguous rows")
-        _check_out(out, x.shape[0], n)
-        self._panels(int(weight.qtype), x.data_ptr(), x.shape[0], k, x.stride(0), weight.blocks.data_ptr(), n,
-                     weight.blocks.shape[1], out.data_ptr(), out.stride(0), torch.get_num_threads())
-        return out
-
     def plan(self, parts: list[tuple[int, QuantizedTensor]]) -> LinearPlan:
         """Check a layer's parts once (types with kernels, equal k) and keep their kernel arguments."""
         k = parts[0][1].shape[1]
@@ -112,9 +87,10 @@ class QuantKernels:
         in one native call (decode runs ~70 of these per token, so the per-call cost matters); else the panels,
         part by part. x CPU float32 [m, k] with contiguous rows; out [m, >= plan.width] likewise."""
         m, k = x.shape
+        if k != plan.k:
+            raise ValueError(f"quantized linear: x has {k} features, the weights {plan.k}")
         if x.dtype != torch.float32 or x.stride(1) != 1 or out.dtype != torch.float32 or out.stride(1) != 1 \
-                or out.shape[0] != m or out.shape[1] < plan.width or k != plan.k \
-                or out.device.type != "cpu" or x.device.type != "cpu":
+                or out.shape[0] != m or out.shape[1] < plan.width or out.device.type != "cpu" or x.device.type != "cpu":
             raise ValueError(f"quantized linear: x must be CPU float32 [m, {plan.k}] and out [m, >= {plan.width}], "
                              "both with contiguous rows")
         threads = torch.get_num_threads()

@@ -31,7 +31,7 @@ def dequantize_weight(weight: QuantizedTensor) -> torch.Tensor:
 
 
 def gemm_int8(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
-    """float64 [m, n]: what quant_gemm_int8 computes for float32 x, before float32 rounding."""
+    """float64 [m, n]: what quant_linear_int8 computes for float32 x, before float32 rounding."""
     q, d, _ = quantize_activations(x)
     m, k = q.shape
     x_hat = (q.double().reshape(m, k // 32, 32) * d.double().unsqueeze(-1)).reshape(m, k)

@@ -142,9 +142,7 @@ def prepare_linears_for_cpu(model: nn.Module, kernels: CpuKernels | None = None,
             continue
         method = _quantized_method(module, kernels)
         if method is None and isinstance(module, nn.Linear):
-            method = try_pack(module.weight, module.bias)
-            if method is None and module.weight.dtype == torch.bfloat16 and kernels is not None:
-                method = PanelLinear(kernels, module.weight, module.bias)
+            method = _dense_method(module.weight, module.bias, kernels)
             if method is None:
                 if final:
                     module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
@@ -155,6 +153,15 @@ def prepare_linears_for_cpu(model: nn.Module, kernels: CpuKernels | None = None,
         module.forward = method  # instance attribute: module(x) now calls the prepared method
         module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
         module._cpu_ready = True
+
+
+def _dense_method(weight: torch.Tensor, bias: torch.Tensor | None,
+                  kernels: CpuKernels | None) -> PackedLinear | PanelLinear | None:
+    """oneDNN-packed (float32, or bf16 on native-bf16 CPUs), else the bf16 panel GEMM (with kernels), else None."""
+    method = try_pack(weight, bias)
+    if method is None and weight.dtype == torch.bfloat16 and kernels is not None:
+        method = PanelLinear(kernels, weight, bias)
+    return method
 
 
 def _quantized_method(module: nn.Module, kernels: CpuKernels | None) -> QuantizedLinear | QuantizedEmbedding | None:
@@ -171,11 +178,8 @@ def _quantized_method(module: nn.Module, kernels: CpuKernels | None) -> Quantize
     dense = None
     if wants_dense_copy(module):  # --dense-batch-weights: the dense layout of this weight, for big batches
         weight = dequantized(parts, module.weight.dtype)
-        method = try_pack(weight, module.bias) or (PanelLinear(kernels, weight, module.bias)
-                                                   if weight.dtype == torch.bfloat16 else None)
-        if method is None:
-            weight = column_major(weight)
-            method = partial(torch.nn.functional.linear, weight=weight, bias=module.bias)
+        method = _dense_method(weight, module.bias, kernels) or partial(
+            torch.nn.functional.linear, weight=column_major(weight), bias=module.bias)
 
         def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
             return method(x)

@@ -62,9 +62,14 @@ def densify(module: nn.Module, weight: torch.Tensor) -> None:
     parts = module.__dict__.pop(_ATTR, None) or {}
     offsets = getattr(module, "shard_offsets", None)
     with torch.no_grad():
-        for shard, qt in parts.items():
-            start = 0 if shard is None else offsets[shard][0]
-            weight[start : start + qt.shape[0]].copy_(dequantize(qt.blocks, qt.qtype, qt.shape))
+        _write_parts(weight, [(0 if shard is None else offsets[shard][0], qt) for shard, qt in parts.items()])
+
+
+def _write_parts(weight: torch.Tensor, parts: list[tuple[int, QuantizedTensor]]) -> torch.Tensor:
+    """Each part's dequantized rows into `weight` from its first row on; returns `weight`."""
+    for off, qt in parts:
+        weight[off : off + qt.shape[0]] = dequantize(qt.blocks, qt.qtype, qt.shape)
+    return weight
 
 
 def describe(model: nn.Module) -> str:
@@ -91,10 +96,7 @@ def wants_dense_copy(module: nn.Module) -> bool:
 def dequantized(parts: list[tuple[int, QuantizedTensor]], dtype: torch.dtype) -> torch.Tensor:
     """The parts as one dense [rows, k] tensor of `dtype`."""
     width = max(off + qt.shape[0] for off, qt in parts)
-    out = torch.empty((width, parts[0][1].shape[1]), dtype=dtype)
-    for off, qt in parts:
-        out[off : off + qt.shape[0]] = dequantize(qt.blocks, qt.qtype, qt.shape)
-    return out
+    return _write_parts(torch.empty((width, parts[0][1].shape[1]), dtype=dtype), parts)
 
 
 DenseRoute = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]

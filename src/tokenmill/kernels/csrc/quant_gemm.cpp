@@ -1,12 +1,12 @@
 // Matrix products over GGUF weight blocks kept as stored (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K).
 //
 // Every block type unpacks into one shape, a Group of G weights (G = 32, or 256 for the K-quants):
-//   w[i] = s[i / 16] * q[i] - m[i / 16],  q int8 (Q8_0: -128..127; the others 0..63)
+//   w[i] = s[i / 16] * q[i] - m[i / 32],  q int8 (signed with the type's offset removed; Q4_K / Q5_K: 0..31)
 // so one dot product and one dequantizer serve all six types. The block layouts follow ggml's
 // (ggml-quants.c, MIT; gguf's numpy quants.py and our model/gguf_dequant.py decode the same bytes).
 //
 // Two products, picked by the caller by row count (layers/quantized.py):
-// - quant_gemm_int8 (few rows: decode). Each activation row is quantized once per layer to 8 bits per
+// - quant_linear_int8 (few rows: decode). Each activation row is quantized once per layer to 8 bits per
 //   32-element block (quantize_act_q8: scale amax/127, round half to even), and every weight block is unpacked
 //   once for up to 4 activation rows. Per 32 weights and row: one integer dot product (AVX2 maddubs + madd, or
 //   AVX-512 VNNI dpbusd; signed weights carry their sign over to x), the scales applied in float32:
@@ -431,17 +431,6 @@ inline void thread_share(int64_t n, int64_t& n0, int64_t& n1) {
   n1 = std::min<int64_t>(n, n0 + per);
 }
 
-template <int T>
-void int8_gemm(const int8_t* qx, const float* d, const float* sums, int64_t m, int64_t k, const uint8_t* w, int64_t n,
-               int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
-#pragma omp parallel num_threads(num_threads)
-  {
-    int64_t n0, n1;
-    thread_share(n, n0, n1);
-    int8_part<T>(Acts{qx, d, sums, k}, m, w, row_bytes, n0, n1, c, ldc);
-  }
-}
-
 // ---- dequantization: rows of blocks -> float32 ---------------------------------------------------------------
 
 template <int T>
@@ -550,7 +539,6 @@ int dispatch(int type, Args... args) {
   }
 }
 
-template <int T> struct Int8Op { template <typename... A> static void run(A... a) { int8_gemm<T>(a...); } };
 template <int T> struct PanelOp { template <typename... A> static void run(A... a) { panel_gemm_q<T>(a...); } };
 template <int T> struct NoOp { static void run() {} };
 template <int T> struct DequantOp { template <typename... A> static void run(A... a) { dequant_rows<T>(a...); } };
@@ -559,12 +547,7 @@ template <int T> struct DequantOp { template <typename... A> static void run(A..
 
 extern "C" {
 
-// Returns 0, or -1 for a type without a kernel (the caller checks first; this is a last guard).
-int quant_gemm_int8(int type, const int8_t* qx, const float* d, const float* sums, int64_t m, int64_t k,
-                    const uint8_t* w, int64_t n, int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
-  return dispatch<Int8Op>(type, qx, d, sums, m, k, w, n, row_bytes, c, ldc, num_threads);
-}
-
+// Each entry returns 0, or -1 for a type without a kernel (the caller checks first; this is a last guard).
 int quant_gemm_panels(int type, const float* a, int64_t m, int64_t k, int64_t lda, const uint8_t* w, int64_t n,
                       int64_t row_bytes, float* c, int64_t ldc, int num_threads) {
   if (m <= 0 || n <= 0) return 0;
