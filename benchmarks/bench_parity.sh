@@ -123,7 +123,8 @@ for i in $(seq "$REPEATS"); do
   run_client "vllm-$i" "$VLLM_VENV/bin/python" -c "$VLLM_MAIN" bench serve "${VLLM_ONLY[@]}" "${COMMON[@]}" \
     --result-filename "vllm-$i.json"
   echo "== tokenmill bench serve, run $i"
-  run_client "tokenmill-$i" "$TOKENMILL" bench serve "${COMMON[@]}" --result-filename "tokenmill-$i.json" --no-progress
+  run_client "tokenmill-$i" "$TOKENMILL" bench serve "${COMMON[@]}" --result-filename "tokenmill-$i.json" --no-progress \
+    --no-plot
 done
 
 "$PY" - "${FILES[@]}" <<'EOF'

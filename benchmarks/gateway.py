@@ -6,6 +6,12 @@ Also 2 replicas behind the gateway vs 1. Prints JSON. Replicas are either the de
     .venv/bin/python benchmarks/gateway.py                       # test replicas
     .venv/bin/python benchmarks/gateway.py --model /path/to/model --requests 64 --max-tokens 16
 
+`--mode pinned` measures replicas that share one machine, with real `tokenmill serve` replicas (the default
+model unless --model): 1 replica on all cores straight vs N replicas behind the gateway, each pinned to its
+own share of the cores (`--cpu-cores`, as the gateway's local actuator does), interleaved in one run:
+
+    .venv/bin/python benchmarks/gateway.py --mode pinned --requests 32 --concurrency 8 --max-tokens 32
+
 Each configuration runs `--repeats` times, interleaved (direct, gateway, direct, gateway, ...) so slow
 drift on a shared machine hits both alike; figures are medians over repeats. On a 2-core machine the
 client, the gateway and the replicas share the CPUs, so "2 replicas vs 1" mostly shows overhead, not
@@ -114,15 +120,36 @@ def med(runs: list[dict], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="serve this model with `tokenmill serve` (default: test replica)")
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--mode", choices=("overhead", "pinned"), default="overhead",
+                    help="overhead: direct vs gateway on one replica (and 2 vs 1); pinned: 1 replica on all cores "
+                         "vs N pinned replicas behind the gateway, real replicas")
+    ap.add_argument("--model", default=None, help="serve this model with `tokenmill serve` (default: test replica; "
+                                                  "--mode pinned: the default model)")
+    ap.add_argument("--requests", type=int, default=None, help="per measured run (default 200; pinned: 32)")
+    ap.add_argument("--concurrency", type=int, default=None, help="default 16; pinned: 8")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--token-delay", type=float, default=0.02,
                     help="test replica: seconds between tokens (0.02: ~50 tok/s per stream, like a small model)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3; pinned: 2")
+    ap.add_argument("--replicas", type=int, default=2, help="pinned: replicas sharing the machine")
+    ap.add_argument("--no-pin", action="store_true", help="pinned: start the N replicas unpinned (the old behaviour)")
+    ap.add_argument("--serve-args", default="--kv-cache-memory 0.5", help="pinned: extra `tokenmill serve` flags")
     args = ap.parse_args()
+    pinned = args.mode == "pinned"
+    args.requests = args.requests or (32 if pinned else 200)
+    args.concurrency = args.concurrency or (8 if pinned else 16)
+    args.repeats = args.repeats or (2 if pinned else 3)
+    if pinned:
+        from gateway_pinned import (
+            pinned_scaling,  # benchmarks/ is on sys.path when run as a script
+        )
 
+        print(json.dumps(pinned_scaling(args), indent=2))
+        return
+    overhead(args)
+
+
+def overhead(args: argparse.Namespace) -> None:
     started: list[subprocess.Popen] = []
     try:
         ports = [free_port(), free_port()]
@@ -135,7 +162,7 @@ def main() -> None:
             for u in reps:
                 cmd += ["--replica", u]
             gws[name] = spawn(cmd, port, started)
-        run = lambda url: asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens))  # noqa: E731
+        run = lambda url: asyncio.run(load(url, args.requests, args.concurrency, args.max_tokens))
         run(r1), run(gws["gw1"])  # warm-up: connections, first-request paths
         # Unloaded latency: one request at a time, so the figure is the gateway hop, not CPU queueing.
         seq_d, seq_g = [], []
@@ -182,15 +209,20 @@ def main() -> None:
                        "gateway_cpu_us_per_token is not")
         print(json.dumps(out, indent=2))
     finally:
-        for p in started:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in started:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_all(started)
+
+
+def stop_all(started: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group this script started (by PID), then SIGKILL what is left after 30 s."""
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in started:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 if __name__ == "__main__":

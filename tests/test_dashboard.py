@@ -88,6 +88,9 @@ def test_dashboard_charts_traffic(dashboard_under_load: dict) -> None:
     for name in ("throughput", "ttft", "itl"):
         assert d["charts"].get(name, 0) > 0, (name, d["charts"])
     assert d["tiles"]["requests-total"] > 0 and d["tiles"]["gen-tps"] >= 0
+    # the header names the model, its dtype, the CPU and the uptime
+    for field in ("model", "dtype", "weights", "CPU", "up"):
+        assert f'data-field="{field}"' in d["dom"], field
     assert d["shot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -105,6 +108,8 @@ def test_dashboard_charts_engine_state(dashboard_under_load: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (make chromium)")
 def test_gateway_dashboard_shows_pools(live_gateway: str, tmp_path: Path) -> None:  # noqa: F811
+    bad = httpx.post(f"{live_gateway}/v1/completions", timeout=60, json={"model": "nope", "prompt": "x"})
+    assert bad.status_code == 404  # a client error: no phantom pool, not a gateway error
     for i in range(3):
         r = httpx.post(f"{live_gateway}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": f"hello {i}", "max_tokens": 4})
@@ -116,3 +121,7 @@ def test_gateway_dashboard_shows_pools(live_gateway: str, tmp_path: Path) -> Non
     row = re.search(r'data-pool="default".*?data-ready="([\d.]+)" data-desired="([\d.]+)"', dom, re.S)
     assert row and float(row.group(1)) >= 1 and float(row.group(2)) >= 1, dom[-2000:]
     assert _values(dom, "value").get("tile-gw-rps") is not None
+    assert 'data-pool="none"' not in dom
+    assert _values(dom, "value").get("tile-gw-client-errors", 0) >= 1
+    assert re.search(r'<tr data-replica="http://127\.0\.0\.1:\d+">', dom), dom[-2000:]
+    assert 'data-field="model"' in dom and 'data-field="up"' in dom

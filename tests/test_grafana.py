@@ -68,3 +68,16 @@ def test_every_queried_metric_is_exposed(live_server: str, live_gateway: str) ->
         if name not in samples and family_of(name) not in families:
             missing.append(name)
     assert not missing, f"queried by deploy/grafana/tokenmill.json but not exposed: {missing}"
+
+
+def test_per_replica_panels_group_by_the_replica_label(live_gateway: str) -> None:  # noqa: F811
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    by_replica = [e for e in exprs if "by (replica" in e]
+    assert len(by_replica) >= 4
+    # Every series those panels read carries the label in a live gateway's exposition.
+    text = httpx.get(f"{live_gateway}/metrics", timeout=10).text
+    labelled = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples if "replica" in s.labels}
+    for e in by_replica:
+        names = set(re.findall(r"\btokenmill_gateway_[a-zA-Z0-9_]+", e))
+        assert names and names <= labelled | {"tokenmill_gateway_requests_total"}, e

@@ -80,6 +80,26 @@ ts("Retries and ejections", [(f"sum by (pool) (rate(tokenmill_gateway_retries_to
    "short", 8)
 ts("Model routing split", [("sum by (alias, pool) (rate(tokenmill_gateway_routing_decisions_total[$__rate_interval]))",
                             "{{alias}} -> {{pool}}")], "reqps", 16)
+y += 8
+# Per replica (label `replica`: its URL). Errors are 5xx and cut streams; the client's 4xx have their own panel.
+R = 'pool=~"$pool",replica=~"$replica"'
+ts("Requests by replica", [(f"sum by (replica) (rate(tokenmill_gateway_requests_total{{{R}}}[$__rate_interval]))",
+                            "{{replica}}")], "reqps", 0)
+ts("Gateway errors (5xx, cut streams) by replica",
+   [(f'sum by (replica, status) (rate(tokenmill_gateway_requests_total{{{R},status=~"5..|stream_error"}}[$__rate_interval]))',
+     "{{replica}} {{status}}")], "reqps", 8)
+ts("Client errors (4xx) by pool and status",
+   [('sum by (pool, status) (rate(tokenmill_gateway_requests_total{status=~"4.."}[$__rate_interval]))',
+     "{{pool}} {{status}}")], "reqps", 16,
+   desc="Bad requests, unknown models, auth and rate limits: the client's doing, not a gateway failure.")
+y += 8
+ts("In flight per replica", [(f"sum by (replica) (tokenmill_gateway_replica_in_flight{{{R}}})", "{{replica}}")],
+   "short", 0)
+ts("KV cache usage per replica (scraped)",
+   [(f"max by (replica) (tokenmill_gateway_replica_kv_cache_usage_perc{{{R}}})", "{{replica}}")], "percentunit", 8)
+ts("Upstream latency p90 by replica",
+   [(f"histogram_quantile(0.9, sum by (le, replica) (rate(tokenmill_gateway_upstream_latency_seconds_bucket{{{R}}}[$__rate_interval])))",
+     "{{replica}}")], "s", 16)
 
 dashboard = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus"}],
@@ -93,6 +113,9 @@ dashboard = {
         {"name": "pool", "type": "query", "datasource": DS, "label": "Pool", "includeAll": True, "multi": True,
          "current": {"text": "All", "value": "$__all"}, "allValue": ".*",
          "query": {"query": "label_values(tokenmill_gateway_replicas_ready, pool)", "refId": "p"}, "refresh": 2},
+        {"name": "replica", "type": "query", "datasource": DS, "label": "Replica", "includeAll": True, "multi": True,
+         "current": {"text": "All", "value": "$__all"}, "allValue": ".*",
+         "query": {"query": "label_values(tokenmill_gateway_replica_ready, replica)", "refId": "r"}, "refresh": 2},
     ]},
     "panels": panels,
 }

@@ -49,9 +49,17 @@ class ModelConfig:
     dense_batch_weights: bool = False
 
 
+# With kv_cache_memory=None on CPU, the KV cache is what max_num_seqs x max_model_len can use, capped at this many
+# GiB and at this fraction of available memory. 1.25 GiB holds the default model's whole 32k context next to 64
+# sequences in its sliding-window layers (float32), and keeps `tokenmill serve` under 2.5 GB resident.
+AUTO_KV_CACHE_MEMORY_GIB = 1.25
+AUTO_KV_CACHE_MEMORY_FRACTION = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache. `kv_cache_memory` in GiB; None sizes it from free memory."""
+    """Paged KV cache. `kv_cache_memory` in GiB, used whole; None: what max_num_seqs x max_model_len can use,
+    capped by AUTO_KV_CACHE_MEMORY_GIB (executor/kv_sizing.py)."""
 
     block_size: int = 16
     kv_cache_memory: float | None = None
@@ -74,7 +82,13 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    num_threads: int | None = None  # torch intra-op threads; None: all cores
+    num_threads: int | None = None  # torch intra-op threads; None: the cores the engine may use
+    # Cores the engine core process is pinned to (sorted ids; see cpu_affinity); None: not pinned. The offline
+    # LLM runs its runner in the calling process, so that process is pinned.
+    cpu_cores: tuple[int, ...] | None = None
+    # Seconds between AsyncLLM's periodic throughput / queue / KV log lines; None: no such lines (vLLM's
+    # --disable-log-stats). `tokenmill serve` logs every DEFAULT_LOG_STATS_INTERVAL_S (engine/stats.py).
+    log_stats_interval_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +99,5 @@ class ServerConfig:
     max_queued_requests: int | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout_s: float = 30.0
+    # Log each request's prompt (truncated) and sampling params at INFO; off: only the per-request summary.
+    log_requests: bool = False

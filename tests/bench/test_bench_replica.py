@@ -79,10 +79,12 @@ def test_cli_poisson_rate_json_and_plot(replica_url: str, bench_tokenizer_dir: P
     assert len(files) == 1 and json.loads(files[0].read_text())["completed"] == 10
 
 
-def test_cli_errors_name_the_flag(bench_tokenizer_dir: Path) -> None:
+def test_cli_errors_name_the_flag(replica_url: str, bench_tokenizer_dir: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(bench_app, ["serve", "--dataset-name", "random", "--num-prompts", "2"])
-    assert res.exit_code == 2 and "--tokenizer" in res.output
+    # A server without /tokenize (this replica) and a model that is not on this machine: no tokenizer.
+    res = runner.invoke(bench_app, ["serve", "--base-url", replica_url, "--dataset-name", "random",
+                                    "--num-prompts", "2"])
+    assert res.exit_code == 2 and "--tokenizer" in res.output and "/tokenize answered HTTP 404" in res.output
     res = runner.invoke(bench_app, ["serve", "--tokenizer", str(bench_tokenizer_dir), "--max-concurrency", "0"])
     assert res.exit_code == 2 and "--max-concurrency" in res.output
     res = runner.invoke(bench_app, ["compare", "--endpoint", "a=http://x"])

@@ -108,10 +108,10 @@ def test_logprobs_shape(llama_llm):
     assert out.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)))
 
 
-@pytest.mark.parametrize("kw,field", [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
-                                      (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
-                                      (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-                                      (dict(logit_bias={1: 500.0}), "logit_bias")])
+@pytest.mark.parametrize("kw,field", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                      ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"),
+                                      ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+                                      ({"logit_bias": {1: 500.0}}, "logit_bias")])
 def test_invalid_sampling_params_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
@@ -133,3 +133,23 @@ def test_abort_frees_blocks_within_a_step(llama_llm):
         deltas += core.step()
     assert {d.request_id for d in deltas} == {"keep"}
     assert core.all_blocks_free()
+
+
+def test_stop_token_and_eos_text_left_out_unless_asked(llama_llm):
+    """vLLM semantics: the token that stopped the sequence stays in token_ids but not in the text."""
+    base = _gen(llama_llm, [P1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    tok = base[3]
+    first = base.index(tok)
+    before = _gen(llama_llm, [P1], SamplingParams(temperature=0, max_tokens=first, ignore_eos=True))
+    upto = _gen(llama_llm, [P1], SamplingParams(temperature=0, max_tokens=first + 1, ignore_eos=True))
+    out = _gen(llama_llm, [P1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[tok]))[0].outputs[0]
+    assert out.token_ids == base[:first + 1] and out.stop_reason == tok
+    assert out.text == (before[0].outputs[0].text if first else "")
+    kept = _gen(llama_llm, [P1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[tok],
+                                                include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == upto[0].outputs[0].text != out.text
+    # EOS forced at once: even with special tokens shown, its text is not part of the output
+    eos = llama_llm.get_tokenizer().eos_token_id
+    forced = SamplingParams(temperature=0, max_tokens=4, logit_bias={eos: 100.0}, skip_special_tokens=False)
+    out = _gen(llama_llm, [P1], forced)[0].outputs[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason is None and out.text == ""

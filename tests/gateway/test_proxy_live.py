@@ -45,9 +45,11 @@ def test_relay_headers_models_health_metrics(procs, gateways):
             assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
             assert (await c.get("/health")).json()["pools"]["p"]["ready"] == 1
             text = (await c.get("/metrics")).text
-            assert 'tokenmill_gateway_requests_total{pool="p",status="200"} 3.0' in text
-            assert 'tokenmill_gateway_output_tokens_total{pool="p"} 8.0' in text  # 5 streamed + 3 from usage
-            assert 'tokenmill_gateway_ttft_seconds_count{pool="p"} 1.0' in text
+            rep = gw.gateway.pools["p"].replicas[0].url
+            assert f'tokenmill_gateway_requests_total{{pool="p",replica="{rep}",status="200"}} 3.0' in text
+            # 5 streamed + 3 from usage
+            assert f'tokenmill_gateway_output_tokens_total{{pool="p",replica="{rep}"}} 8.0' in text
+            assert f'tokenmill_gateway_ttft_seconds_count{{pool="p",replica="{rep}"}} 1.0' in text
 
     asyncio.run(main())
 
@@ -69,7 +71,7 @@ def test_retry_on_5xx_then_eject_and_readmit(procs, gateways):
     bad_replica = next(r for r in p.replicas if r.url == bad.url)
     # /health of the failing replica still passes, so it is ejected by request failures and then re-admitted.
     assert gw.gateway.metrics.retries.labels("p")._value.get() >= 2
-    assert gw.gateway.metrics.ejections.labels("p")._value.get() >= 1
+    assert gw.gateway.metrics.ejections.labels("p", bad.url)._value.get() >= 1
     wait_until(lambda: bad_replica.state is ReplicaState.READY, 5, "re-admission after eject_s")
 
 

@@ -8,7 +8,9 @@ Llama with --max-num-seqs 1, same tokenizer and served name) and an all-MiniLM-L
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -255,12 +257,20 @@ def test_autoscaler_raises_a_real_local_pool_and_brings_it_back(tiny_llama_dir, 
     actuator = gw.gateway.scalers["tiny"].actuator
     wait_until(lambda: len(p.ready_replicas()) == 1, 180, "first replica ready")
 
+    core_cpus: dict[str, set[int]] = {}  # replica URL -> cores of its engine process, while both serve
+
     async def main() -> list:
         results = []
+        deadline = time.monotonic() + spec.startup_timeout_s
         async with httpx.AsyncClient(base_url=gw.url, timeout=300) as cl:
             async def worker() -> None:
-                while len(p.ready_replicas()) < 2 and len(results) < 120:  # bounded
+                # Bounded by the replica start timeout, not a request count: a replica on its own core can
+                # serve hundreds of tiny requests while the second one starts.
+                while len(p.ready_replicas()) < 2 and time.monotonic() < deadline:
                     results.append(await post(cl, "/v1/completions", comp(8)))
+                for r in list(p.ready_replicas()):  # others still have requests in flight: no scale-down yet
+                    pid = (await cl.get(r.url + "/debug/stats")).json()["core_pid"]
+                    core_cpus[r.url] = os.sched_getaffinity(pid)
                 results.append(await post(cl, "/v1/completions", comp(8)))
 
             await asyncio.gather(*(worker() for _ in range(8)))
@@ -269,5 +279,8 @@ def test_autoscaler_raises_a_real_local_pool_and_brings_it_back(tiny_llama_dir, 
     results = asyncio.run(main())
     assert all(finished(r) for r in results)
     assert len({r.replica for r in results}) == 2  # a second replica came up and served
+    if len(os.sched_getaffinity(0)) >= 2:  # the local actuator gave each replica its own cores
+        first, second = core_cpus.values()
+        assert first and second and not first & second
     wait_until(lambda: p.desired == 1 and len(p.replicas) == 1 and len(actuator.urls) == 1, 60,
                "idle pool drained back to 1 replica")

@@ -108,8 +108,9 @@ def test_kv_budget_sizes_blocks(tiny_llama_dir):
     cfg = EngineConfig(model=ModelConfig(model=str(tiny_llama_dir), dtype="float32", max_model_len=256),
                        cache=CacheConfig(block_size=16, kv_cache_memory=0.001))
     runner = ModelRunner(cfg)
-    # 2 layers x K,V x 16 tokens x 2 heads x 16 dims x 4 bytes = 8 KiB per block -> 1 MiB / 8 KiB = 128 (+1 null)
+    # 2 layers x K,V x 16 tokens x 2 heads x 16 dims x 4 bytes = 8 KiB per block; the budget holds every block,
+    # the null block 0 included: 0.001 GiB / 8 KiB = 131 blocks in all.
     per_block = 2 * 2 * 16 * 2 * 16 * 4
-    assert runner.num_blocks == [int(0.001 * (1 << 30) / per_block) + 1]
+    assert runner.num_blocks == [int(0.001 * (1 << 30) / per_block)]
     assert runner.kv_caches[0][0].shape == (runner.num_blocks[0], 16, 2, 16)
     assert len(runner.kv_cache_groups) == 1 and runner.kv_cache_groups[0].layer_ids == [0, 1]

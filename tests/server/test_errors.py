@@ -54,7 +54,7 @@ def test_completion_invalid_params(post, body, param):
 
 @pytest.mark.parametrize("body,param", [
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools_x": []}, "tools_x"),
@@ -106,3 +106,68 @@ def test_openai_client_raises_bad_request(tiny_server):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="hi", temperature=-3)
     assert info.value.body["param"] == "temperature"
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path,body,param,needles", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, IMAGE_PART]}]},
+     "messages[0].content[1]", ["content part type 'image_url' is not supported", "text only"]),
+    ("/v1/completions", {"prompt": ["a", 1]}, "prompt", ["only strings, only token ids", "integers and strings"]),
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt", ["expected a string, a list of strings", "got an object"]),
+    ("/v1/chat/completions", {"prompt": "hi"}, "messages",
+     ["Missing required parameter: messages", "Unrecognized request argument supplied: prompt"]),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     ["only allowed when 'stream' is enabled"]),
+    ("/v1/chat/completions", {"messages": HI, "stream": False, "stream_options": {"include_usage": True}},
+     "stream_options", ["only allowed when 'stream' is enabled"]),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     ["not supported yet"]),
+    ("/v1/chat/completions", {"messages": HI, "tool_choice": "auto"}, "tool_choice", ["not supported yet"]),
+    ("/v1/chat/completions", {"messages": HI, "functions": [{"name": "f"}]}, "functions", ["not supported yet"]),
+    ("/v1/chat/completions", {"messages": HI, "function_call": {"name": "f"}}, "function_call", ["not supported yet"]),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format",
+     ["not supported yet"]),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format",
+     ["not supported yet"]),
+])
+def test_clear_one_line_messages(post, path, body, param, needles):
+    err = assert_error(post(path, body), 400, param=param)
+    assert "\n" not in err["message"] and "more error" not in err["message"], err
+    for needle in needles:
+        assert needle in err["message"], err
+
+
+def test_defaults_of_unsupported_fields_are_accepted(post):
+    body = {"messages": HI, "max_tokens": 2, "tools": [], "tool_choice": "none", "function_call": "none",
+            "response_format": {"type": "text"}, "parallel_tool_calls": False}
+    assert post("/v1/chat/completions", body).status_code == 200
+    assert post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "text"}}).status_code == 200
+    streamed = post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True,
+                                        "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+
+
+def test_context_length_names_the_cause(post):
+    # the prompt fits, prompt + max_tokens does not: max_tokens (or the field the client used) is the cause
+    err = assert_error(post("/v1/completions", {"prompt": "hi", "max_tokens": 400}), 400, param="max_tokens",
+                       code="context_length_exceeded")
+    assert "256" in err["message"] and "max_tokens" in err["message"]
+    assert_error(post("/v1/chat/completions", {"messages": HI, "max_tokens": 400}), 400, param="max_tokens")
+    err = assert_error(post("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 400}), 400,
+                       param="max_completion_tokens", code="context_length_exceeded")
+    assert "max_completion_tokens" in err["message"]
+    # the prompt alone is too long, with or without max_tokens
+    for extra in ({}, {"max_tokens": 5}):
+        assert_error(post("/v1/completions", {"prompt": "hello " * 300, **extra}), 400, param="prompt",
+                     code="context_length_exceeded")
+        assert_error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 300}], **extra}),
+                     400, param="messages", code="context_length_exceeded")
+
+
+def test_routing_errors_have_string_codes(tiny_server):
+    err = assert_error(httpx.get(tiny_server.url + "/v1/completions"), 405, code="method_not_allowed")
+    assert "POST" in err["message"] and "/v1/completions" in err["message"]
+    assert_error(httpx.get(tiny_server.url + "/v1/nope"), 404, code="not_found")

@@ -36,9 +36,8 @@ def sse_events(body: str) -> list[str]:
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -153,7 +152,7 @@ def test_stop_string(client):
 
 
 def test_seed_reproducible(client):
-    kw = dict(model=MODEL, prompt="Hello", max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True})
+    kw = {"model": MODEL, "prompt": "Hello", "max_tokens": 12, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
     a = client.completions.create(seed=1234, **kw).choices[0].text
     b = client.completions.create(seed=1234, **kw).choices[0].text
     assert a == b
@@ -316,3 +315,57 @@ def test_dashboard_mounted(tiny_server, client):
     stats = httpx.get(tiny_server.url + "/dashboard/stats").json()
     assert stats["extra"]["model"] == MODEL and stats["extra"]["ready"] is True
     assert stats["extra"]["num_blocks_free"] == stats["extra"]["num_blocks_total"] > 0
+
+
+def _forced_token(tiny_server) -> int:
+    """A token id that logit_bias +100 makes the sampler pick at every step."""
+    ids = httpx.post(tiny_server.url + "/tokenize", json={"prompt": " fox", "add_special_tokens": False}).json()
+    return ids["tokens"][-1]
+
+
+def test_sampled_token_listed_in_completion_top_logprobs(client, tiny_server):
+    """OpenAI / vLLM: completions top_logprobs holds the top k plus the sampled token when it is not among them."""
+    tid = _forced_token(tiny_server)  # logit_bias moves sampling, not the reported (raw) logprobs
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=2,
+                                  logit_bias={str(tid): 100}, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    outside = 0
+    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[tok] == pytest.approx(val)
+        others = sorted((v for t, v in top.items() if t != tok), reverse=True)
+        if len(top) == 3:  # the sampled token ranked below the two best
+            outside += 1
+            assert len(others) == 2 and val < others[-1]
+        else:
+            assert len(top) == 2 and val >= min(top.values())
+    assert outside > 0, "the forced token should rank outside the top 2 at some step of a random model"
+    # chat keeps exactly top_logprobs entries (the k likeliest); the sampled token is the entry itself
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2, logit_bias={str(tid): 100})
+    for t in c.choices[0].logprobs.content:
+        assert len(t.top_logprobs) == 2 and all(a.logprob >= t.logprob - 1e-6 for a in t.top_logprobs)
+
+
+def test_stop_token_text_left_out_unless_asked(client, tiny_server):
+    tid = _forced_token(tiny_server)
+    kw = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "temperature": 0, "logit_bias": {str(tid): 100}, "logprobs": 0}
+    r = client.completions.create(**kw, extra_body={"stop_token_ids": [tid]})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.model_extra["stop_reason"] == tid
+    assert c.text == "" and len(c.logprobs.tokens) == 1  # the token was generated, its text is not shown
+    kept = client.completions.create(**kw, extra_body={"stop_token_ids": [tid], "include_stop_str_in_output": True})
+    assert kept.choices[0].text == kept.choices[0].logprobs.tokens[0] != ""
+    streamed = list(client.completions.create(**kw, stream=True, extra_body={"stop_token_ids": [tid]}))
+    assert "".join(ch.choices[0].text for ch in streamed) == ""
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_stream_options_needs_stream(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       stream_options={"include_usage": True})
+    assert info.value.body["param"] == "stream_options"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, stream=False,
+                                  stream_options={"include_usage": True})
+    assert "only allowed when 'stream' is enabled" in info.value.body["message"]

@@ -187,10 +187,20 @@ def test_sigterm_drains_then_exits_zero(servers):
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_unloadable_model_exits_nonzero(tmp_path):
+def test_missing_model_is_a_usage_error(tmp_path):
     server = start_server(tmp_path / "no-such-model", tmp_dir=tmp_path, wait_ready=False)
+    try:
+        assert server.proc.wait(120) == 2  # refused by the CLI before any engine starts
+    finally:
+        server.stop(5)
+    assert "no such file or folder" in server.log() and "Traceback" not in server.log()
+
+
+def test_unloadable_model_exits_nonzero(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))  # passes the CLI's path check, fails in the engine's loader
+    server = start_server(broken, tmp_dir=tmp_path, wait_ready=False)
     try:
         assert server.proc.wait(120) == 1
     finally:
         server.stop(5)
-    assert "no such file or folder" in server.log()

@@ -9,7 +9,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tokenmill.config import EngineConfig, SchedulerConfig, ServerConfig
-from tokenmill.engine.core_proc import delta_from_row, delta_to_row, pack, stats_from_wire, stats_to_wire, unpack
+from tokenmill.engine.core_proc import (
+    delta_from_row,
+    delta_to_row,
+    pack,
+    stats_from_wire,
+    stats_to_wire,
+    unpack,
+)
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
@@ -40,12 +47,26 @@ def test_wire_round_trip():
     ({"prompt": "x", "n": "3"}, "n", "Invalid value for n"),
     ({"prompt": {"a": 1}}, "prompt", "Invalid value for prompt"),
     ({}, "prompt", "Missing required parameter: prompt"),
+    ({"prompt": "x", "stop": 7}, "stop", "expected a string or a list of strings, got an integer"),
+    ({"prompt": [[1, 2], [3, "a"]]}, "prompt[1][1]", "Input should be a valid integer"),
+    ({"prompt": [1, None]}, "prompt", "got a list of integers and nulls"),
 ])
 def test_validation_messages_name_the_field(body, param, needle):
     with pytest.raises(Exception) as info:
         CompletionRequest.model_validate(body)
     msg, got = validation_message(info.value)
-    assert got == param and needle in msg
+    assert got == param and needle in msg, msg
+    assert "more error" not in msg and "\n" not in msg
+
+
+def test_validation_message_lists_every_error():
+    with pytest.raises(Exception) as info:
+        ChatCompletionRequest.model_validate({"prompt": "hi", "n": "2", "messages": [{"role": "user", "content": 5}]})
+    msg, param = validation_message(info.value)
+    assert param == "n"
+    assert msg.split("; ") == ['Invalid value for n: Input should be a valid integer (got "2")',
+                               "Invalid value for messages[0].content: expected a string or a list, got an integer",
+                               "Unrecognized request argument supplied: prompt"]
 
 
 def test_chat_message_parts():
@@ -94,6 +115,19 @@ def test_sse_error_mid_stream_then_done():
     assert out[2] == b"data: [DONE]\n\n"
 
 
+def test_sse_error_for_an_unexpected_failure_has_a_string_code():
+    async def chunks():
+        yield {"a": 1}
+        raise RuntimeError("boom")
+
+    async def collect():
+        return [b async for b in sse_stream(chunks())]
+
+    error = json.loads(asyncio.run(collect())[1][6:])["error"]
+    assert error == {"message": "RuntimeError: boom", "type": "internal_error", "param": None,
+                     "code": "internal_error"}
+
+
 def test_merge_interleaves_and_propagates_errors():
     async def gen(tag, n, fail=False):
         for i in range(n):
@@ -136,3 +170,48 @@ def test_admission_limits_waiting_sequences():
     with pytest.raises(APIError):
         admit(st, 2)
     assert _state(1, None) and admit(_state(1, None), 100)  # no limit configured: always admitted
+
+
+def test_model_endpoints_503_until_the_engine_is_ready():
+    """docs/server.md: /v1/models answers 503 (not 200 with max_model_len null) while the model loads."""
+    from fastapi.testclient import TestClient
+
+    from tokenmill.server.app import create_app
+
+    async def never_ready(_config):  # the engine is still loading for the whole test
+        await asyncio.Event().wait()
+
+    app = create_app(EngineConfig(), ServerConfig(), engine_factory=never_ready)
+    with TestClient(app) as http:
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", {"prompt": "hi"}),
+                                   ("POST", "/tokenize", {"prompt": "hi"})):
+            r = http.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["code"] == "service_unavailable"
+        wrong = http.get("/v1/chat/completions")
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("num_prompt,max_tokens,param", [
+    (10, 300, "max_tokens"),  # the prompt fits, the completion does not
+    (300, 5, "prompt"),  # the prompt alone is too long
+    (256, None, "prompt"),
+])
+def test_context_length_error_names_the_cause(num_prompt, max_tokens, param):
+    from tokenmill.server.errors import context_length_exceeded
+
+    err = context_length_exceeded(num_prompt, max_tokens, 256, "prompt")
+    assert err.param == param and err.code == "context_length_exceeded" and "256" in err.message
+
+
+def test_completion_top_logprobs_add_the_sampled_token():
+    from tokenmill.engine.outputs import CompletionOutput, Logprob
+    from tokenmill.server.logprobs import chat_logprobs, completion_logprobs
+
+    step = {7: Logprob(-0.5, 1, "a"), 8: Logprob(-1.0, 2, "b"), 9: Logprob(-4.0, 5, "z")}  # 9 sampled, rank 5
+    inside = {7: Logprob(-0.5, 1, "a"), 8: Logprob(-1.0, 2, "b")}  # 7 sampled, already in the top 2
+    c = CompletionOutput(index=0, text="za", token_ids=[9, 7], cumulative_logprob=-4.5, logprobs=[step, inside])
+    acc: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    completion_logprobs(acc, c, None, 2, 0)
+    assert acc["top_logprobs"] == [{"a": -0.5, "b": -1.0, "z": -4.0}, {"a": -0.5, "b": -1.0}]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in chat_logprobs(c, None, 2)] == [["a", "b"], ["a", "b"]]

@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 HOURS_PER_MONTH = 730.0
@@ -181,8 +182,8 @@ def cost_command(
             api_input_per_m=api_input_per_m, api_output_per_m=api_output_per_m,
             input_cost_weight=input_cost_weight, monthly_fixed_cost=monthly_fixed_cost)
         report = compute_cost(inputs)
-    except ValueError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+    except ValueError as exc:  # one line, brackets kept as text
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     print_report(inputs, report, console)
     if json_out:

@@ -9,13 +9,23 @@ from typing import Annotated, Any
 import typer
 
 from tokenmill.bench.datasets import SampleRequest, build_workload, load_tokenizer
-from tokenmill.bench.metrics import METRIC_NAMES, parse_goodput, parse_list, parse_percentiles
+from tokenmill.bench.metrics import (
+    METRIC_NAMES,
+    parse_goodput,
+    parse_list,
+    parse_percentiles,
+)
 from tokenmill.bench.runner import RunConfig
+from tokenmill.bench.server_tokenizer import (
+    ServedModel,
+    ServerTokenizer,
+    local_model_path,
+)
 
 Model = Annotated[str | None, typer.Option(help="Model name sent in requests; default: the first of GET /v1/models.")]
 Tokenizer = Annotated[str | None, typer.Option(
-    help="Local tokenizer folder (HF format) or .gguf file, for exact prompt lengths; default: --model when "
-         "it is a folder.")]
+    help="A tokenizer folder (HF format) or a .gguf file, for exact prompt lengths. Default: the served "
+         "model's own (its folder or .gguf when on this machine, else through the server's /tokenize).")]
 DatasetName = Annotated[str, typer.Option(help="random | custom (JSONL with a 'prompt' field) | sharegpt.")]
 DatasetPath = Annotated[str | None, typer.Option(help="File for --dataset-name custom / sharegpt.")]
 InputLen = Annotated[int, typer.Option(help="random: prompt tokens per request (vLLM default 1024).")]
@@ -48,9 +58,33 @@ PlotOut = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of lat
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")]
 
 
-def resolve_tokenizer(tokenizer: str | None, model: str | None) -> Any | None:
-    name = tokenizer or (model if model and Path(model).is_dir() else None)
-    return load_tokenizer(name) if name else None
+def resolve_tokenizer(tokenizer: str | None, model: str | None, served: ServedModel | None = None,
+                      base_url: str | None = None, api_key: str | None = None,
+                      remote: bool = False) -> tuple[Any | None, str | None]:
+    """(tokenizer, where it came from): --tokenizer; else --model or the served model's root when it is a
+    model on this machine (resolved like `tokenmill serve` does); else, with `remote`, the server's
+    /tokenize; else (None, None): prompt lengths then come from the server's usage reports."""
+    if tokenizer:
+        return load_tokenizer(tokenizer), tokenizer
+    for name in (model, served.root if served else None):
+        path = local_model_path(name)
+        if path is not None:
+            return load_tokenizer(path), path
+    if remote and served is not None and base_url:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        return ServerTokenizer(base_url, served.id, headers), f"{base_url.rstrip('/')}/tokenize"
+    return None, None
+
+
+def check_fits(served: ServedModel, dataset_name: str, input_len: int, output_len: int, range_ratio: float) -> None:
+    """A random workload whose longest request exceeds the server's context fails every request: say so first."""
+    if dataset_name != "random" or not served.max_model_len:
+        return
+    longest = int(input_len * (1 + range_ratio)) + int(output_len * (1 + range_ratio)) + 1
+    if longest > served.max_model_len:
+        raise ValueError(f"--random-input-len {input_len} + --random-output-len {output_len} (range ratio "
+                         f"{range_ratio}) reach {longest} tokens, more than the server's max_model_len "
+                         f"{served.max_model_len}; lower them")
 
 
 def make_workload(*, tokenizer: Any | None, dataset_name: str, dataset_path: str | None, num_prompts: int,

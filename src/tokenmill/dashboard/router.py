@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from importlib.resources import files
 
@@ -10,6 +11,22 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry
 
 from tokenmill.dashboard.stats import DashboardStats
+
+# What the page shows about the process next to its live figures (the server fills them from /version's
+# precision keys; the gateway has only uptime). Absent keys are shown as "-".
+_INFO_KEYS = ("dtype", "quantization", "kv_cache_dtype", "device", "cpu", "cpu_kernels")
+
+
+def process_info(started: float, precision: dict, now: float | None = None) -> dict:
+    """Uptime (seconds since `started`, a time.time()) and the model's numeric choices for the page.
+    Before the model has loaded the CPU is still known, so the page never shows an empty CPU line."""
+    from tokenmill.kernels.cpu_features import host_cpu_features
+
+    info = {k: precision.get(k) for k in _INFO_KEYS}
+    if info["cpu"] is None and info["device"] in (None, "cpu"):
+        info["cpu"] = host_cpu_features().describe()
+    info["uptime_s"] = round((time.time() if now is None else now) - started, 1)
+    return info
 
 
 def dashboard_router(registry: CollectorRegistry, extra: Callable[[], dict] | None = None,

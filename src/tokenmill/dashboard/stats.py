@@ -169,9 +169,11 @@ def _mean(snap: Snapshot, name: str) -> float:
 
 
 def gateway_section(new: Snapshot, old: Snapshot, dt: float) -> dict[str, Any]:
+    # Pools are what the gateway configured (its per-pool gauges), never a label value of a request the
+    # gateway answered itself (e.g. pool "none" of a 404 for an unknown model).
     pools = set()
     for name in ("tokenmill_gateway_replicas_desired", "tokenmill_gateway_replicas_ready",
-                 "tokenmill_gateway_queue_depth", "tokenmill_gateway_requests_total"):
+                 "tokenmill_gateway_queue_depth"):
         pools |= set(new.by_label(name, "pool"))
     pool_stats = {}
     for pool in sorted(pools):
@@ -185,8 +187,8 @@ def gateway_section(new: Snapshot, old: Snapshot, dt: float) -> dict[str, Any]:
     routing: dict[str, dict[str, float]] = {}
     for labels, v in new.samples.get("tokenmill_gateway_routing_decisions_total", []):
         routing.setdefault(labels.get("alias", "?"), {})[labels.get("pool", "?")] = v
-    errors = sum(v for labels, v in new.samples.get("tokenmill_gateway_requests_total", [])
-                 if not str(labels.get("status", "200")).startswith("2"))
+    by_status = [(str(labels.get("status", "200")), v)
+                 for labels, v in new.samples.get("tokenmill_gateway_requests_total", [])]
     return {
         "requests_per_s": _rate(new, old, "tokenmill_gateway_requests_total", dt),
         "output_tokens_per_s": _rate(new, old, "tokenmill_gateway_output_tokens_total", dt),
@@ -196,10 +198,36 @@ def gateway_section(new: Snapshot, old: Snapshot, dt: float) -> dict[str, Any]:
         "queue_depth": new.total("tokenmill_gateway_queue_depth"),
         "retries_total": new.total("tokenmill_gateway_retries_total"),
         "ejections_total": new.total("tokenmill_gateway_ejections_total"),
-        "errors_total": errors,
+        # 5xx and cut streams only; the client's own 4xx (bad request, unknown model, 429) apart.
+        "errors_total": sum(v for status, v in by_status if _is_error(status)),
+        "client_errors_total": sum(v for status, v in by_status if status.startswith("4")),
+        "replicas": replica_section(new, old, dt),
         "pools": pool_stats,
         "routing": routing,  # cumulative decisions per alias -> pool (the split)
     }
+
+
+def _is_error(status: str) -> bool:
+    return status == "stream_error" or status.startswith("5")
+
+
+def replica_section(new: Snapshot, old: Snapshot, dt: float) -> dict[str, dict[str, Any]]:
+    """Per replica (URL): in flight, ready, the load it reports, request rate and errors through the gateway."""
+    out: dict[str, dict[str, Any]] = {}
+    for labels, v in new.samples.get("tokenmill_gateway_replica_in_flight", []):
+        url = labels.get("replica", "")
+        match = {"replica": url}
+        out[url] = {
+            "pool": labels.get("pool"),
+            "in_flight": v,
+            "ready": new.total("tokenmill_gateway_replica_ready", **match),
+            "kv_cache_usage": new.total("tokenmill_gateway_replica_kv_cache_usage_perc", **match),
+            "waiting": new.total("tokenmill_gateway_replica_num_requests_waiting", **match),
+            "requests_per_s": _rate(new, old, "tokenmill_gateway_requests_total", dt, **match),
+            "errors_total": sum(c for lb, c in new.samples.get("tokenmill_gateway_requests_total", [])
+                                if lb.get("replica") == url and _is_error(str(lb.get("status", "")))),
+        }
+    return out
 
 
 def history_point(stats: dict[str, Any]) -> dict[str, Any]:

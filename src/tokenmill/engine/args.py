@@ -12,11 +12,13 @@ from tokenmill.config import (
     check_kv_cache_dtype,
     check_quantization,
 )
+from tokenmill.cpu_affinity import parse_cpu_list, resolve_placement
+from tokenmill.engine.stats import DEFAULT_LOG_STATS_INTERVAL_S
 
 # vLLM arguments that have no meaning here (GPU sharding, CUDA graphs...): accepted so vLLM code runs unchanged.
 _IGNORED = {
     "gpu_memory_utilization", "trust_remote_code", "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size",
-    "disable_log_stats", "swap_space", "cpu_offload_gb", "revision", "tokenizer_mode",
+    "swap_space", "cpu_offload_gb", "revision", "tokenizer_mode",
     "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config", "enable_lora",
     "tokenizer_revision", "download_dir", "load_format", "distributed_executor_backend",
 }
@@ -53,13 +55,19 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         enable_chunked_prefill=True if chunked is None else bool(chunked),
         policy=kw.pop("scheduling_policy", "fcfs"),
     )
+    # vLLM's LLM() defaults to disable_log_stats=True; disable_log_stats=False logs the periodic stats line.
+    log_stats = DEFAULT_LOG_STATS_INTERVAL_S if kw.pop("disable_log_stats", True) is False else None
     threads = kw.pop("num_threads", None)
+    cores = kw.pop("cpu_cores", None)
     if kw:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kw))}")
     if c.block_size < 1:
         raise ValueError(f"invalid block_size={c.block_size}: must be a positive integer")
     check_kv_cache_dtype(c.kv_cache_dtype)
-    return EngineConfig(model=m, cache=c, scheduler=s, num_threads=threads)
+    # Checked here, in the caller's process, so a bad core list fails before any model loads.
+    placement = resolve_placement(threads, None if cores is None else parse_cpu_list(cores))
+    return EngineConfig(model=m, cache=c, scheduler=s, num_threads=threads,
+                        cpu_cores=placement.cores if placement.pinned else None, log_stats_interval_s=log_stats)
 
 
 def normalize_prompt(prompt: Any, tokenizer: Any) -> tuple[str | None, list[int]]:

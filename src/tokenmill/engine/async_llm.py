@@ -22,7 +22,7 @@ from tokenmill.engine.inproc_client import CoreClient, InProcessCoreClient
 from tokenmill.engine.output_processor import RequestState
 from tokenmill.engine.outputs import RequestOutput, SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
-from tokenmill.engine.stats import SchedulerStats
+from tokenmill.engine.stats import SchedulerStats, log_stats_forever
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue[list[SeqOutputDelta] | BaseException]] = {}
         self._num_samples: dict[str, int] = {}
         self._handler: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None  # periodic stats line (config.log_stats_interval_s)
         self._dead: BaseException | None = None
         self._ids = itertools.count()
         self._info: ModelInfo | None = None
@@ -82,6 +83,10 @@ class AsyncLLM:
     def _ensure_handler(self) -> None:
         if self._handler is None or self._handler.done():
             self._handler = asyncio.get_running_loop().create_task(self._output_loop())
+        interval = self.config.log_stats_interval_s
+        if interval and self._stats_task is None:
+            self._stats_task = asyncio.get_running_loop().create_task(
+                log_stats_forever(self.stats, interval, logging.getLogger("tokenmill.engine.stats")))
 
     async def _output_loop(self) -> None:
         while True:
@@ -161,7 +166,8 @@ class AsyncLLM:
                 if outs:
                     yield RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids,
                                         outputs=_merge(outs), finished=finished,
-                                        num_cached_tokens=state.num_cached_tokens)
+                                        num_cached_tokens=state.num_cached_tokens,
+                                        prompt_logprobs=state.take_prompt_logprobs())
         finally:
             self._queues.pop(rid, None)
             self._num_samples.pop(rid, None)
@@ -184,9 +190,10 @@ class AsyncLLM:
         return await self.client.embed(batch)
 
     async def shutdown(self) -> None:
-        if self._handler is not None:
-            self._handler.cancel()
-            await asyncio.gather(self._handler, return_exceptions=True)
+        for task in (self._handler, self._stats_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.client.shutdown()
 
 

@@ -23,9 +23,11 @@ from typing import Any
 import msgpack
 
 from tokenmill.config import EngineConfig
+from tokenmill.cpu_affinity import format_cpu_list, pin_process, resolve_placement
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
+from tokenmill.memory import release_free_memory
 
 log = logging.getLogger("tokenmill.engine.core")
 
@@ -89,7 +91,23 @@ def model_info(config: EngineConfig, runner: Any, core: Any) -> dict[str, Any]:
     loaded = runner.loaded
     info.update(pid=os.getpid(), arch=loaded.arch, dtype=str(loaded.dtype).replace("torch.", ""),
                 device=str(loaded.device))
+    placement = getattr(runner, "cpu_placement", None)
+    if placement is not None:
+        info.update(num_threads=placement.num_threads, cpu_cores=format_cpu_list(placement.cores))
     return info
+
+
+def _pin_early(config: EngineConfig) -> None:
+    """Pin to config.cpu_cores before zmq and torch start their threads, so every thread inherits the cores.
+    A core list this process may not use is left to the runner (apply_placement), which fails the start
+    with a message naming --cpu-cores."""
+    if config.cpu_cores is None:
+        return
+    try:
+        placement = resolve_placement(config.num_threads, config.cpu_cores)
+    except ValueError:
+        return
+    pin_process(placement.cores)
 
 
 def run_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
@@ -103,6 +121,7 @@ def run_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
+    _pin_early(config)
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(input_addr)
@@ -115,7 +134,12 @@ def run_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid
 
         runner = _TimedRunner(ModelRunner(config))
         core = EngineCore(config, runner) if runner.loaded.task == "generate" else None
-        out.send(pack(["ready", model_info(config, runner, core), pickle.dumps(runner.loaded.tokenizer)]))
+        tokenizer = pickle.dumps(runner.loaded.tokenizer)
+        # The server gets its own copy; this one and the load's temporaries are ~0.6 GB of heap to give back
+        # (before "ready", so the server's start log sees the core's resident memory as it stays).
+        runner.loaded.tokenizer = None
+        release_free_memory()
+        out.send(pack(["ready", model_info(config, runner, core), tokenizer]))
         _loop(core, runner, inp, out, parent_pid)
     except Exception as exc:  # noqa: BLE001 - the client must learn why the core is gone
         log.error("engine core failed: %s", traceback.format_exc())

@@ -50,6 +50,7 @@ def model_info_of(config: EngineConfig, runner: Any, core: EngineCore | None) ->
         "kv_capacity_tokens": core.kv_capacity_tokens() if core is not None else 0,
         "block_size": int(runner.block_size),
         "num_blocks": [int(b) for b in runner.num_blocks],
+        "kv_cache_bytes": int(getattr(runner, "kv_cache_bytes", 0)),
         **runner.precision_info(),
     }
 

@@ -125,6 +125,30 @@ class KVCacheManager:
             self._num_hashed[seq.seq_id] = num_hit_blocks  # hit blocks are hashed already
         return True
 
+    def window_fit(self, seq: Sequence, num_computed: int,
+                   hit_tables: list[list[int]] | None = None) -> tuple[int, int]:
+        """(now, emptied): how many tokens past num_computed every sliding-window group can give blocks for
+        now, and once its pool holds nothing else. Counts the blocks allocate_slots releases first (slid out
+        of the window, held by this sequence alone). Full-attention groups set no bound here: a chunk that
+        fits a window group always fits them after preemption. Without window groups both are unbounded."""
+        tables = self.tables.get(seq.seq_id)
+        is_new = tables is None
+        if is_new:
+            tables = hit_tables if hit_tables is not None else [[] for _ in self.groups]
+        now = emptied = 1 << 62
+        bs = self.block_size
+        for g, pool, table in zip(self.groups, self.pools, tables):
+            if g.sliding_window is None:
+                continue
+            start = min(self._window_start(g, num_computed), len(table))
+            if is_new:
+                free = pool.num_free - pool.num_needing_revival(table)
+            else:
+                free = pool.num_free + sum(1 for b in table[:start] if b != NULL_BLOCK_ID and pool.ref_cnt[b] == 1)
+            now = min(now, (len(table) + free) * bs - num_computed)
+            emptied = min(emptied, (start + pool.num_usable) * bs - num_computed)
+        return max(0, now), max(0, emptied)
+
     def _release_outside_window(self, tables: list[list[int]], num_computed: int) -> None:
         for g, pool, table in zip(self.groups, self.pools, tables):
             if g.sliding_window is None:

@@ -9,13 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput, SeqOutputDelta
+from tokenmill.engine.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    SeqOutputDelta,
+)
+from tokenmill.engine.prompt_logprobs import to_logprob_dicts
 from tokenmill.engine.request import seq_id_of
 from tokenmill.sampling_params import SamplingParams
 
 
 class _SeqState:
-    __slots__ = ("detok", "token_ids", "text", "logprobs", "cum_logprob", "finish_reason", "stop_reason", "error")
+    __slots__ = ("cum_logprob", "detok", "error", "finish_reason", "logprobs", "stop_reason", "text", "token_ids")
 
     def __init__(self, detok: IncrementalDetokenizer | None, want_logprobs: bool) -> None:
         self.detok = detok
@@ -39,6 +45,8 @@ class RequestState:
         self.params = params
         self.tokenizer = tokenizer
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        self._prompt_logprobs_sent = False
         want_lp = params.logprobs is not None
         self.seqs = []
         for _ in range(params.n):
@@ -61,6 +69,8 @@ class RequestState:
         if st.finish_reason is not None:
             return None, None
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = to_logprob_dicts(d.prompt_logprobs, self.params.prompt_logprobs or 0, self._decode)
         new_lps = self._logprobs(d) if st.logprobs is not None else None
         st.token_ids.extend(d.new_token_ids)
         if new_lps is not None:
@@ -69,7 +79,11 @@ class RequestState:
         finish, stop_reason, abort = d.finish_reason, d.stop_reason, None
         text = ""
         if st.detok is not None:
-            text = st.detok.process(d.new_token_ids, finished=finish is not None)
+            shown = d.new_token_ids
+            if finish == "stop" and shown and not self.params.include_stop_str_in_output:
+                # EOS or a stop_token_ids hit ended it: like vLLM, the token stays in token_ids, not in the text.
+                shown = shown[:-1]
+            text = st.detok.process(shown, finished=finish is not None)
             if st.detok.stop_reason is not None:
                 if finish is None:
                     abort = seq_id_of(self.request_id, d.index)
@@ -98,6 +112,13 @@ class RequestState:
             out.append(entry)
         return out
 
+    def take_prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        """The prompt logprobs once they have arrived, for the first streamed output only (vLLM's behaviour)."""
+        if self.prompt_logprobs is None or self._prompt_logprobs_sent:
+            return None
+        self._prompt_logprobs_sent = True
+        return self.prompt_logprobs
+
     def _decode(self, tok: int) -> str | None:
         if self.tokenizer is None:
             return None
@@ -113,4 +134,5 @@ class RequestState:
                                  logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                 for i, s in enumerate(self.seqs)]
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-                             outputs=outs, finished=self.finished, num_cached_tokens=self.num_cached_tokens)
+                             outputs=outs, finished=self.finished, num_cached_tokens=self.num_cached_tokens,
+                             prompt_logprobs=self.prompt_logprobs)

@@ -48,6 +48,7 @@ class ScheduledSeq:
     block_ids: list[list[int]]
     sample: bool
     setup: SeqSetup | None = None
+    prompt_logprobs: int | None = None  # top-k wanted for the prompt positions of this chunk (None: none wanted)
 
 
 @dataclass(slots=True)
@@ -70,8 +71,27 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens start_pos + 1 .. start_pos + len(logprobs), each read from the logits at the
+    position before it (one chunk of a prefill). top_ids / top_logprobs: the best alternatives, highest first."""
+
+    seq_id: str
+    start_pos: int
+    logprobs: list[float]
+    ranks: list[int]  # 1-based rank of each prompt token in its distribution
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+# One prompt position on the wire (msgpack): None for the first prompt token, else
+# [token_id, logprob, rank, [[alt_id, alt_logprob], ...]] with the alternatives best first.
+PromptLogprobRow = list | None
+
+
+@dataclass(slots=True)
 class ModelOutput:
     sampled: list[SampledToken]  # one per ScheduledSeq with sample=True, in the same order
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # for chunks with prompt_logprobs set
 
 
 NULL_BLOCK_ID = 0  # reserved block, never handed out: placeholder for released sliding-window blocks
@@ -92,6 +112,8 @@ class SeqOutputDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     new_ranks: list[int | None] | None = None  # 1-based rank of each new token (when logprobs was requested)
+    # Every prompt position's logprobs (PromptLogprobRow), once, with sample 0's first token.
+    prompt_logprobs: list[PromptLogprobRow] | None = None
 
 
 # ---- client-facing results (vLLM's shapes) ---------------------------------------------------------
@@ -127,7 +149,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    prompt_logprobs: list | None = None
+    # vLLM's shape: None for the first prompt token, then {token_id: Logprob} holding the prompt token and the
+    # top-k alternatives. Streaming (AsyncLLM) carries it on the first output only.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
 
 

@@ -11,12 +11,20 @@ that also needs blocks or budget, so nothing starves under FCFS.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
-from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, ScheduledSeq, SchedulerOutput, SeqOutputDelta
-from tokenmill.engine.request import EngineCoreRequest, Request, Sequence, SeqStatus
+from tokenmill.engine.outputs import (
+    KVCacheGroupSpec,
+    ModelOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    SeqOutputDelta,
+)
+from tokenmill.engine.prompt_logprobs import PromptLogprobsCollector
+from tokenmill.engine.request import EngineCoreRequest, Request, SeqStatus, Sequence
 from tokenmill.engine.stats import SchedulerStats
 
 
@@ -38,6 +46,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._finished_ids: list[str] = []  # for the runner to drop per-sequence state
         self._pending: list[SeqOutputDelta] = []  # deltas not tied to a sampled token (errors)
+        self.prompt_logprobs = PromptLogprobsCollector()
         self._order = 0
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
@@ -65,6 +74,8 @@ class Scheduler:
         seqs = [Sequence(req, i, self._order, self.max_model_len) for i in range(req.params.n)]
         self._order += 1
         self.requests[req.request_id] = Request(req.request_id, seqs)
+        if req.params.prompt_logprobs is not None:
+            self.prompt_logprobs.expect(seqs[0].seq_id)  # per request, as vLLM: sample 0 computes them
         for s in seqs:
             self.seqs[s.seq_id] = s
             self._enqueue(s, front=False)
@@ -95,7 +106,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._fit_windows(seq, seq.num_computed_tokens,
+                                        min(seq.num_tokens - seq.num_computed_tokens, budget))
             ok = True
             while not self.kv.allocate_slots(seq, seq.num_computed_tokens, num_new):
                 victim = max(self.running, key=self._key)
@@ -134,6 +146,7 @@ class Scheduler:
                 block_ids=[list(t) for t in self.kv.tables[sid]],
                 sample=start + num_new == seq.num_tokens,
                 setup=setup,
+                prompt_logprobs=seq.params.prompt_logprobs if self.prompt_logprobs.wants(sid) else None,
             ))
             seq.num_computed_tokens += num_new
         finished, self._finished_ids = self._finished_ids, []
@@ -147,7 +160,10 @@ class Scheduler:
             if not self._sibling_ready(seq):
                 idx += 1  # waits for sample 0's prompt blocks to be cached; others may go ahead
                 continue
-            hit, hit_tables = self.kv.find_prefix_hit(seq)
+            if self.prompt_logprobs.wants(seq.seq_id):  # a cached position has no logits: compute them all
+                hit, hit_tables = 0, [[] for _ in self.kv.groups]
+            else:
+                hit, hit_tables = self.kv.find_prefix_hit(seq)
             num_new = seq.num_tokens - hit
             if num_new > budget:
                 # Without chunking a prompt runs whole; a resumed sequence longer than the whole
@@ -155,6 +171,7 @@ class Scheduler:
                 if not cfg.enable_chunked_prefill and num_new <= cfg.max_num_batched_tokens:
                     break
                 num_new = budget
+            num_new = self._fit_windows(seq, hit, num_new, hit_tables)
             admitted = self.kv.allocate_slots(seq, hit, num_new, hit_tables)
             while not admitted and self.use_priority and self.running:
                 # a higher-priority arrival takes blocks from the lowest-priority running sequence
@@ -181,6 +198,17 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _fit_windows(self, seq: Sequence, num_computed: int, num_new: int,
+                     hit_tables: list[list[int]] | None = None) -> int:
+        """A chunk no larger than the sliding-window groups can hold: a prefill there needs its window plus the
+        whole chunk at once, which a pool sized for windows may not have. With chunked prefill, what fits now
+        (the rest follows next steps); else, or when nothing fits now, what fits once others are preempted
+        (a prompt longer than that is chunked even with chunking off: whole, it could never run)."""
+        now, emptied = self.kv.window_fit(seq, num_computed, hit_tables)
+        if self.config.enable_chunked_prefill and now > 0:
+            return min(num_new, now)
+        return min(num_new, max(emptied, 1))
+
     def _sibling_ready(self, seq: Sequence) -> bool:
         """Samples 1..n-1 start once sample 0's prompt blocks are cached, so they share them as hits."""
         if seq.index == 0 or not self.kv.enable_caching:
@@ -198,6 +226,8 @@ class Scheduler:
             if seq.num_computed_tokens >= len(seq.prompt_token_ids):
                 seq.prompt_done_once = True
             self.kv.cache_full_blocks(seq)
+        for chunk in model_out.prompt_logprobs:
+            self.prompt_logprobs.record(chunk)
         for st in model_out.sampled:
             seq = self.seqs.get(st.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
@@ -216,6 +246,7 @@ class Scheduler:
                 stop_reason=stop_reason,
                 num_prompt_tokens=len(seq.prompt_token_ids),
                 num_cached_tokens=seq.num_cached_tokens,
+                prompt_logprobs=self.prompt_logprobs.take(seq.seq_id, seq.prompt_token_ids),
             ))
             if reason is not None:
                 self._finish(seq, reason, stop_reason)
@@ -265,6 +296,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
+        self.prompt_logprobs.drop(seq.seq_id)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
         self._finished_ids.append(seq.seq_id)

@@ -8,15 +8,27 @@ sample, samples, and returns ModelOutput after exactly one host sync (in the sam
 from __future__ import annotations
 
 import logging
-import math
-import os
 
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SampledToken, SchedulerOutput, ScheduledSeq
+from tokenmill.cpu_affinity import apply_placement
+from tokenmill.engine.outputs import (
+    KVCacheGroupSpec,
+    ModelOutput,
+    PromptLogprobs,
+    SampledToken,
+    ScheduledSeq,
+    SchedulerOutput,
+)
 from tokenmill.executor.kv_cache import resolve_kv_cache_dtype, zeros
+from tokenmill.executor.kv_sizing import (
+    KVGroupSize,
+    cpu_auto_limit_bytes,
+    plan_kv_cache,
+)
 from tokenmill.executor.precision import describe_precision, precision_info
+from tokenmill.executor.prompt_logprobs import compute_prompt_logprobs
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
@@ -25,9 +37,6 @@ from tokenmill.layers.sampler import Sampler, SeqSamplingState
 from tokenmill.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("tokenmill.executor")
-_GIB = 1 << 30
-_AUTO_KV_FRACTION = 0.25  # of free memory, when kv_cache_memory is None
-_AUTO_KV_CAP_GIB = 4.0
 
 
 class ModelRunner:
@@ -35,7 +44,7 @@ class ModelRunner:
     block 0 of every group is the null block (never allocated by the engine; safe to read, masked out)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, attn_backend: str = "fast"):
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.cpu_placement = apply_placement(config.num_threads, config.cpu_cores)  # before any torch work
         self.config = config
         self.loaded = loaded if loaded is not None else load_model(config.model)
         self.model = self.loaded.model
@@ -61,6 +70,7 @@ class ModelRunner:
         self._logits: torch.Tensor | None = None  # reused every step: see _logits_buffer
         self.kv_cache_groups: list[KVCacheGroupSpec] = []
         self.num_blocks: list[int] = []
+        self.kv_cache_bytes = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.layer_to_group: list[int] = []
         if self.loaded.task == "generate":
@@ -77,20 +87,13 @@ class ModelRunner:
         bs, elsize = self.block_size, torch.empty((), dtype=self.kv_dtype).element_size()
         if bs < 1:
             raise ValueError(f"invalid block_size={bs}: must be >= 1")
-        per_block = [sum(2 * bs * shapes[l][0] * shapes[l][1] * elsize for l in g.layer_ids) for g in self.kv_cache_groups]
-        per_seq = [self._blocks_per_seq(g) for g in self.kv_cache_groups]
         override = self.config.cache.num_gpu_blocks_override
         if override is not None:
             if override < 2:
                 raise ValueError(f"invalid num_gpu_blocks_override={override}: must be >= 2 (block 0 is reserved)")
             self.num_blocks = [override] * len(self.kv_cache_groups)
         else:
-            budget = self._kv_budget_bytes(sum(b * s for b, s in zip(per_block, per_seq)))
-            seqs = budget / sum(b * s for b, s in zip(per_block, per_seq))
-            self.num_blocks = [int(seqs * s) + 1 for s in per_seq]
-            if min(self.num_blocks) < 2:
-                need = sum(per_block) * 2 / _GIB
-                raise ValueError(f"kv_cache_memory too small: need at least {need:.4f} GiB for one block per KV group")
+            self.num_blocks = self._plan_kv_cache(shapes, elsize)
         self.layer_to_group = [0] * len(shapes)
         for gi, g in enumerate(self.kv_cache_groups):
             for l in g.layer_ids:
@@ -100,26 +103,33 @@ class ModelRunner:
             shape = (self.num_blocks[self.layer_to_group[l]], bs, heads, dim)
             self.kv_caches.append((zeros(shape, self.kv_dtype, self.device), zeros(shape, self.kv_dtype, self.device)))
 
-    def _blocks_per_seq(self, group: KVCacheGroupSpec) -> int:
-        full = math.ceil(self.loaded.max_model_len / self.block_size)
-        if group.sliding_window is None:
-            return full
-        return min(full, math.ceil(group.sliding_window / self.block_size) + 1)
+    def _plan_kv_cache(self, shapes: list[tuple[int, int]], elsize: int) -> list[int]:
+        """Block counts from executor/kv_sizing.py; lowers loaded.max_model_len (logged) when the model's own
+        limit does not fit the cache."""
+        sizes = [KVGroupSize(g.sliding_window, sum(2 * shapes[l][0] * shapes[l][1] * elsize for l in g.layer_ids))
+                 for g in self.kv_cache_groups]
+        sched = self.config.scheduler
+        plan = plan_kv_cache(
+            sizes, block_size=self.block_size, max_model_len=self.loaded.max_model_len,
+            max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+            kv_cache_memory_gib=self.config.cache.kv_cache_memory, auto_limit_bytes=self._auto_kv_limit_bytes(),
+            max_model_len_given=self.config.model.max_model_len is not None)
+        if plan.lowered:
+            log.warning("max_model_len lowered from %d (the model's limit) to %d: the KV cache holds %d tokens; "
+                        "raise --kv-cache-memory for longer sequences", self.loaded.max_model_len,
+                        plan.max_model_len, plan.capacity_tokens)
+            self.loaded.max_model_len = plan.max_model_len
+        self.kv_cache_bytes = plan.num_bytes
+        return plan.num_blocks
 
-    def _kv_budget_bytes(self, bytes_per_max_seq: int) -> float:
-        gib = self.config.cache.kv_cache_memory
-        if gib is not None:
-            if gib <= 0:
-                raise ValueError(f"invalid kv_cache_memory={gib}: must be > 0 GiB")
-            return gib * _GIB
+    def _auto_kv_limit_bytes(self) -> float:
+        """The cap on an auto-sized cache: 80% of free GPU memory, or the CPU limit of kv_sizing."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return 0.8 * free
         import psutil
 
-        auto = min(_AUTO_KV_FRACTION * psutil.virtual_memory().available, _AUTO_KV_CAP_GIB * _GIB)
-        # No point reserving more than every running sequence at full length needs.
-        return min(auto, bytes_per_max_seq * self.config.scheduler.max_num_seqs)
+        return cpu_auto_limit_bytes(psutil.virtual_memory().available)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -163,9 +173,10 @@ class ModelRunner:
         with torch.inference_mode():
             input_ids, positions, ctx, sample_idx = self._prepare(so.seqs)
             hidden = self.model(input_ids, positions, ctx)
+            prompt_lps = self._prompt_logprobs(hidden, so.seqs)
             sampling = [s for s in so.seqs if s.sample]
             if not sampling:
-                return ModelOutput(sampled=[])
+                return ModelOutput(sampled=[], prompt_logprobs=prompt_lps)
             logits = self.model.compute_logits(hidden.index_select(0, sample_idx), self._logits_buffer(len(sampling)))
             states = [self.states[s.seq_id] for s in sampling]
             for st in states:
@@ -177,7 +188,12 @@ class ModelRunner:
         for seq, st, row in zip(sampling, states, rows):
             st.output_token_ids.append(row.token_id)
             out.append(SampledToken(seq.seq_id, row.token_id, row.logprob, row.top_logprobs, rank=row.rank))
-        return ModelOutput(sampled=out)
+        return ModelOutput(sampled=out, prompt_logprobs=prompt_lps)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[ScheduledSeq]) -> list[PromptLogprobs]:
+        """Only chunks that ask for them pay for logits at every prompt position."""
+        wanted = {s.seq_id: self.states[s.seq_id].prompt_token_ids for s in seqs if s.prompt_logprobs is not None}
+        return compute_prompt_logprobs(self.model, hidden, seqs, wanted) if wanted else []
 
     def _prepare(self, seqs: list[ScheduledSeq]):
         ids: list[int] = []

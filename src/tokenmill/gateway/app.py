@@ -19,13 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tokenmill.dashboard.router import dashboard_router, process_info
 from tokenmill.gateway.actuators import Actuator, make_actuator
 from tokenmill.gateway.autoscaler import PoolScaler
 from tokenmill.gateway.config import GatewayConfig
 from tokenmill.gateway.drain import Drain, DrainGate
-from tokenmill.gateway.health import HealthChecker
+from tokenmill.gateway.health import HealthChecker, quiet_poll_logs
 from tokenmill.gateway.limits import AuthError, KeyRing, RateLimiter, estimate_tokens
-from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.metrics import NO_REPLICA, GatewayMetrics
 from tokenmill.gateway.model_router import ModelRouter, Scorer, prompt_text
 from tokenmill.gateway.pool import Pool
 from tokenmill.gateway.proxy import (Opened, Relay, RelayResponse, RelayResult, UpstreamFailure, count_tokens,
@@ -70,10 +71,13 @@ class Gateway:
         self.scalers: dict[str, PoolScaler] = {}
         for p in self.pools.values():
             if p.config.autoscale is not None:
-                act = (actuators or {}).get(p.name) or make_actuator(p.config.spec)  # type: ignore[arg-type]
+                act = ((actuators or {}).get(p.name)  # max_replicas: the local actuator splits the cores
+                       or make_actuator(p.config.spec, p.config.autoscale.max_replicas))  # type: ignore[arg-type]
                 self.scalers[p.name] = PoolScaler(p, act, self.metrics, self.client)
         self.routing_counts: dict[str, dict[str, int]] = {a: {} for a in self.model_router.routes}
         self._tasks: list[asyncio.Task] = []
+        self.metrics.watch_replicas(lambda: self.pools.values())
+        self.started = time.time()
         for name, pool in self.pools.items():
             self.metrics.queue_depth.labels(name).set_function(lambda p=pool: len(p.queue))
             self.metrics.replicas_ready.labels(name).set_function(lambda p=pool: len(p.ready_replicas()))
@@ -110,8 +114,10 @@ class Gateway:
         return list(dict.fromkeys(names))
 
     def dashboard_extra(self) -> dict:
-        return {"pools": {n: {"replicas_desired": p.desired, "replicas_ready": len(p.ready_replicas()),
-                              "queue_depth": len(p.queue), "outstanding": p.outstanding()}
+        return {**process_info(self.started, {}),
+                "pools": {n: {"replicas_desired": p.desired, "replicas_ready": len(p.ready_replicas()),
+                              "queue_depth": len(p.queue), "outstanding": p.outstanding(),
+                              "models": list(p.model_names) or [p.config.model or n]}
                           for n, p in self.pools.items()},
                 "routing": {a: dict(c) for a, c in self.routing_counts.items()}}
 
@@ -132,7 +138,7 @@ class Gateway:
         try:
             caller = self.keys.authenticate(hdrs.get("authorization"), hdrs.get("x-api-key"))
         except AuthError as e:
-            self.metrics.requests.labels("none", "401").inc()
+            self.metrics.requests.labels("none", NO_REPLICA, "401").inc()
             return error_response(401, str(e), "invalid_request_error", "invalid_api_key")
         model = body.get("model")
         extra_headers: dict[str, str] = {}
@@ -146,17 +152,17 @@ class Gateway:
         else:
             pool = self.pool_for(model if isinstance(model, str) else None)
         if pool is None and model is None:
-            self.metrics.requests.labels("none", "400").inc()
+            self.metrics.requests.labels("none", NO_REPLICA, "400").inc()
             return error_response(400, f"model: required when the gateway serves several models; available: "
                                   f"{', '.join(self.model_list())}", "invalid_request_error", "missing_model", "model")
         if pool is None:
-            self.metrics.requests.labels("none", "404").inc()
+            self.metrics.requests.labels("none", NO_REPLICA, "404").inc()
             return error_response(404, f"The model `{model}` does not exist; available: "
                                   f"{', '.join(self.model_list())}", "invalid_request_error", "model_not_found", "model")
         extra_headers["x-tokenmill-pool"] = pool.name
         wait = self.limiter.check(caller, estimate_tokens(body), time.monotonic())
         if wait is not None:
-            self.metrics.requests.labels(pool.name, "429").inc()
+            self.metrics.requests.labels(pool.name, NO_REPLICA, "429").inc()
             return error_response(429, f"rate limit of API key {caller.name!r} exceeded; retry in {wait:.1f} s",
                                   "rate_limit_error", "rate_limit_exceeded", retry_after=wait)
         priority = caller.priority + _request_priority(body, hdrs.get(self.config.queue.priority_header.lower()))
@@ -171,11 +177,11 @@ class Gateway:
         try:
             replica, waited = await pool.acquire(ctx, priority, key, exclude)
         except QueueFull as e:
-            self.metrics.requests.labels(pool.name, "429").inc()
+            self.metrics.requests.labels(pool.name, NO_REPLICA, "429").inc()
             return error_response(429, f"{e}; retry later", "rate_limit_error", "queue_full",
                                   retry_after=self.config.queue.retry_after_s)
         except QueueTimeout as e:
-            self.metrics.requests.labels(pool.name, "503").inc()
+            self.metrics.requests.labels(pool.name, NO_REPLICA, "503").inc()
             return error_response(503, str(e), "server_error", "queue_timeout",
                                   retry_after=self.config.queue.retry_after_s)
         self.metrics.queue_time.labels(pool.name).observe(waited)
@@ -207,9 +213,9 @@ class Gateway:
                 if attempt == 1:
                     if e.response is not None:
                         status, rh, data = e.response
-                        self.metrics.requests.labels(pool.name, str(status)).inc()
+                        self.metrics.requests.labels(pool.name, replica.url, str(status)).inc()
                         return Response(data, status_code=status, headers={**rh, **extra_headers})
-                    self.metrics.requests.labels(pool.name, "503").inc()
+                    self.metrics.requests.labels(pool.name, replica.url, "503").inc()
                     return error_response(503, f"no replica of pool {pool.name!r} could serve the request: {e}",
                                           "server_error", "upstream_unavailable", retry_after=1)
                 self.metrics.retries.labels(pool.name).inc()
@@ -224,14 +230,15 @@ class Gateway:
 
         def on_first() -> None:
             ttft = time.monotonic() - arrived
-            self.metrics.ttft.labels(name).observe(ttft)
+            self.metrics.ttft.labels(name, replica.url).observe(ttft)
             pool.record_ttft(ttft)
 
         def on_done(res: RelayResult) -> None:
             pool.release(replica)
-            self.metrics.upstream_latency.labels(name).observe(time.monotonic() - opened.sent_at)
-            self.metrics.output_tokens.labels(name).inc(res.output_tokens)
-            self.metrics.requests.labels(name, "stream_error" if res.failed else str(opened.status)).inc()
+            self.metrics.upstream_latency.labels(name, replica.url).observe(time.monotonic() - opened.sent_at)
+            self.metrics.output_tokens.labels(name, replica.url).inc(res.output_tokens)
+            status = "stream_error" if res.failed else str(opened.status)
+            self.metrics.requests.labels(name, replica.url, status).inc()
             if res.failed:
                 self.health.passive_failure(pool, replica)
 
@@ -302,10 +309,6 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     async def metrics() -> Response:
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    try:
-        from tokenmill.dashboard.router import dashboard_router
-    except ImportError:
-        dashboard_router = None  # the dashboard module is optional for the proxy
-    if dashboard_router is not None:
-        app.include_router(dashboard_router(gw.metrics.registry, extra=gw.dashboard_extra))
+    app.include_router(dashboard_router(gw.metrics.registry, extra=gw.dashboard_extra))
+    quiet_poll_logs()
     return app

@@ -16,6 +16,42 @@ from tokenmill.gateway.replicas import Replica, ReplicaState
 
 log = logging.getLogger("tokenmill.gateway")
 
+# Paths that monitors poll every few seconds; their uvicorn access lines are DEBUG, not INFO.
+_POLL_PATHS = ("/health", "/metrics", "/dashboard/stats")
+
+
+class _PollsAtDebug(logging.Filter):
+    """Demotes INFO records about polls to DEBUG: dropped unless the gateway logs at DEBUG.
+
+    On the `httpx` logger every record is a poll of a replica (health checks, metrics scrapes, model
+    lists: one INFO line each, several per second); on `uvicorn.access` only requests for _POLL_PATHS are.
+    """
+
+    def __init__(self, only_poll_paths: bool) -> None:
+        super().__init__()
+        self.only_poll_paths = only_poll_paths
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        if self.only_poll_paths:
+            args = record.args if isinstance(record.args, tuple) else ()
+            path = str(args[2]).split("?")[0] if len(args) >= 3 else ""
+            if path not in _POLL_PATHS:
+                return True
+        if not log.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_poll_logs() -> None:
+    """Install the DEBUG demotion on `httpx` and `uvicorn.access` (once per process)."""
+    for name, only_polls in (("httpx", False), ("uvicorn.access", True)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PollsAtDebug) for f in logger.filters):
+            logger.addFilter(_PollsAtDebug(only_polls))
+
 
 async def fetch_model_names(client: httpx.AsyncClient, url: str, timeout_s: float) -> tuple[str, ...]:
     try:
@@ -43,7 +79,7 @@ class HealthChecker:
         """A proxied request failed before its first byte; `hard` (connection refused) ejects at once."""
         ejected = replica.eject_now() if hard else replica.record_failure(self.config.failure_threshold)
         if ejected:
-            self._metrics.ejections.labels(pool.name).inc()
+            self._metrics.ejections.labels(pool.name, replica.url).inc()
             log.warning("pool %s: ejected %s after request failures", pool.name, replica.url)
 
     def passive_success(self, replica: Replica) -> None:
@@ -77,7 +113,7 @@ class HealthChecker:
                 replica.record_success()
         elif replica.state is ReplicaState.READY:
             if replica.record_failure(self.config.failure_threshold, now):
-                self._metrics.ejections.labels(pool.name).inc()
+                self._metrics.ejections.labels(pool.name, replica.url).inc()
                 log.warning("pool %s: ejected %s (health check failed)", pool.name, replica.url)
 
     @staticmethod

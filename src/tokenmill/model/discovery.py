@@ -2,6 +2,7 @@
 
 Accepted names:
   /path/to/folder | /path/to/model.gguf      used as is
+  gemma-3-270m                               the packaged default model, by the name it is served under
   org/name                                   HF cache snapshot (refs/main, else the newest snapshot);
                                              a snapshot holding only GGUF files resolves to its one .gguf
   org/name:TAG  or  org/name/file.gguf       pick one GGUF in that snapshot (TAG matches a file name,
@@ -13,6 +14,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from tokenmill.model.default_model import DEFAULT_MODEL_NAME
+
+# What every "model not found" message offers instead (the CLI prints it as the one line of a user error).
+ALLOWED_MODELS = (f"pass a Hugging Face model folder, a .gguf file, a repo already in the local Hugging Face cache "
+                  f"(nothing is downloaded), or {DEFAULT_MODEL_NAME} (or no model) for the packaged default model")
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -37,6 +44,10 @@ def resolve_model(name: str) -> str:
     direct = Path(name).expanduser()
     if direct.is_dir() or (direct.is_file() and direct.suffix == ".gguf"):
         return str(direct)
+    if name == DEFAULT_MODEL_NAME:  # the served name of the default model means that model (as /v1/models shows)
+        from tokenmill.model.default_model import default_model_path
+
+        return default_model_path()
     tried.append(f"a local folder or .gguf file at {str(direct)!r} (not found)")
     repo, selector = _split(name)
     if repo.count("/") == 1:
@@ -49,11 +60,24 @@ def resolve_model(name: str) -> str:
             return _pick(snapshot, selector, name)
     else:
         tried.append(f"a Hugging Face repo id 'org/name' ({name!r} is not one)")
-    raise ValueError(
-        f"model={name!r}: not found. Tried: " + "; ".join(tried)
-        + ". Pass a Hugging Face model folder, a .gguf file, or a repo already in the local Hugging Face "
-        "cache (nothing is downloaded); omit model to use the packaged default (Gemma 3 270M)."
-    )
+    raise ValueError(f"model={name!r}: not found. Tried: " + "; ".join(tried) + f". {ALLOWED_MODELS[0].upper()}"
+                     f"{ALLOWED_MODELS[1:]}.")
+
+
+def check_model(name: str) -> str:
+    """Resolve `name` the way load_model will, without loading anything: the local path, or a ValueError
+    that says what was wrong and what is allowed. Lets the CLI fail in one line before starting an engine."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"model={name!r}: is a file but not a .gguf; {ALLOWED_MODELS}")
+    if not path.exists() and name != DEFAULT_MODEL_NAME and _looks_like_path(name):
+        raise ValueError(f"model={name!r}: no such file or folder; {ALLOWED_MODELS}")
+    return resolve_model(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Same test as the loader's: such names are never looked up in the Hugging Face cache.
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
 
 
 def _split(name: str) -> tuple[str, str | None]:

@@ -17,14 +17,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import tokenmill
 from tokenmill.config import EngineConfig, ServerConfig
-from tokenmill.dashboard.router import dashboard_router
+from tokenmill.dashboard.router import dashboard_router, process_info
 from tokenmill.model.default_model import DEFAULT_MODEL_NAME
-from tokenmill.server.errors import APIError, engine_dead, error_body, install_error_handlers, unavailable
+from tokenmill.server.errors import (
+    APIError,
+    engine_dead,
+    error_body,
+    install_error_handlers,
+    unavailable,
+)
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.request_log import log_rejected, track_http_request
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_completions import create_completion
 from tokenmill.server.serving_embeddings import create_embedding
-from tokenmill.server.serving_tokenize import detokenize, list_models, precision, tokenize
+from tokenmill.server.serving_engine import check_ready
+from tokenmill.server.serving_tokenize import (
+    detokenize,
+    list_models,
+    precision,
+    tokenize,
+)
 from tokenmill.server.state import ServerState
 
 log = logging.getLogger("tokenmill.server")
@@ -46,6 +59,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                engine_factory: EngineFactory = start_multiprocess_engine,
                chat_template: str | None = None) -> FastAPI:
     registry = CollectorRegistry()
+    started = time.time()
     names = [engine_config.model.served_model_name or engine_config.model.model or DEFAULT_MODEL_NAME]
     state = ServerState(engine_config=engine_config, server_config=server_config, served_model_names=names,
                         registry=registry, metrics=ServerMetrics(registry, names[0]), chat_template=chat_template,
@@ -70,6 +84,16 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     install_error_handlers(app)
 
     @app.middleware("http")
+    async def auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # One middleware for both: each BaseHTTPMiddleware layer costs a task per request.
+        if request.method != "POST" or not request.url.path.startswith(_PROTECTED):
+            return await auth(request, call_next)
+        t0, summarised = time.monotonic(), track_http_request()
+        response = await auth(request, call_next)
+        if response.status_code >= 400 and not summarised:  # failed before any engine request was logged
+            log_rejected(request.method, request.url.path, response.status_code, time.monotonic() - t0)
+        return response
+
     async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         key = server_config.api_key
         if key and request.url.path.startswith(_PROTECTED):
@@ -95,6 +119,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @app.get("/v1/models")
     async def models() -> Response:
+        check_ready(state)  # 503 while loading, like every model endpoint (docs/server.md)
         return list_models(state)
 
     @app.post("/tokenize")
@@ -141,7 +166,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
         # Refresh the lazily updated engine gauges so the page sees current values.
         stats = refresh_engine_metrics(state)
         info = state.engine.model_info if state.engine is not None else None
-        return {"model": state.model_name, "ready": state.engine is not None and not state.engine.errored,
+        return {"model": state.model_name, **process_info(started, precision(state)),
+                "ready": state.engine is not None and not state.engine.errored,
                 "in_flight_seqs": state.in_flight_seqs,
                 "kv_capacity_tokens": info.kv_capacity_tokens if info is not None else None,
                 "num_blocks_free": stats.num_blocks_free if stats is not None else None,

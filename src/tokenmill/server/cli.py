@@ -19,6 +19,7 @@ from tokenmill.config import (
     check_kv_cache_dtype,
     check_quantization,
 )
+from tokenmill.engine.stats import DEFAULT_LOG_STATS_INTERVAL_S
 
 _S, _C, _V = SchedulerConfig(), CacheConfig(), ServerConfig()
 
@@ -26,7 +27,9 @@ _S, _C, _V = SchedulerConfig(), CacheConfig(), ServerConfig()
 def serve_command(
     model: Annotated[str | None, typer.Argument(
         help="A Hugging Face model folder (config.json + safetensors + tokenizer), a .gguf file, or a model "
-             "name in the local HF cache. Omitted: the packaged default model.")] = None,
+             "name in the local HF cache. Omitted (or gemma-3-270m): the packaged default model.")] = None,
+    model_option: Annotated[str | None, typer.Option(
+        "--model", help="Same as the MODEL argument (vLLM accepts both forms).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind. 0.0.0.0 exposes the server to the network.")] = _V.host,
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = _V.port,
     served_model_name: Annotated[str | None, typer.Option(
@@ -37,7 +40,9 @@ def serve_command(
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's own limit).")] = None,
     kv_cache_memory: Annotated[float | None, typer.Option(
-        help="KV cache size in GiB (default: sized from free memory).")] = _C.kv_cache_memory,
+        help="KV cache size in GiB, used whole. Default: what --max-num-seqs sequences of --max-model-len "
+             "tokens can use, at most 1.25 GiB (and 25% of free RAM); a model limit that does not fit is "
+             "lowered.")] = _C.kv_cache_memory,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences decoded together in one step.")] = _S.max_num_seqs,
     max_num_batched_tokens: Annotated[int, typer.Option(
         help="Token budget per engine step (long prompts are prefilled in chunks of this).")] = _S.max_num_batched_tokens,
@@ -56,6 +61,11 @@ def serve_command(
         help="With quantized weights: also keep them dense for steps of more than 16 sequences (batched "
              "throughput of the dense path, for its memory: Gemma 3 270M +1.07 GB).")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    num_threads: Annotated[int | None, typer.Option(
+        help="Engine compute threads (default: one per core the engine may use, see --cpu-cores).")] = None,
+    cpu_cores: Annotated[str | None, typer.Option(
+        help="Pin the engine to these cores, e.g. 0-3, 0,2,4 or 0-1,4 (like vLLM's VLLM_CPU_OMP_THREADS_BIND); "
+             "give each replica on one machine its own cores. Default: not pinned.")] = None,
     chat_template: Annotated[str | None, typer.Option(
         help="Jinja chat template (a file path or the template text) overriding the model's own.")] = None,
     max_queued_requests: Annotated[int | None, typer.Option(
@@ -72,12 +82,22 @@ def serve_command(
         help="On SIGTERM: seconds to let in-flight requests finish before exiting.")] = _V.drain_timeout_s,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body (bigger: 413).")] = _V.max_body_bytes,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+    log_requests: Annotated[bool, typer.Option(
+        "--log-requests",
+        help="Also log each request's prompt (truncated) and sampling parameters at INFO. Without it only a "
+             "one-line summary per finished request is logged (ids, token counts, times; no prompt text).")] = False,
+    log_stats_interval: Annotated[float, typer.Option(
+        help="Seconds between the periodic throughput / queue / KV cache log lines (logged while there is "
+             "activity); 0 turns them off.")] = DEFAULT_LOG_STATS_INTERVAL_S,
+    disable_log_stats: Annotated[bool, typer.Option(
+        "--disable-log-stats", help="No periodic stats lines (as vLLM's flag; same as --log-stats-interval 0).")] = False,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)."""
     from tokenmill.config import EngineConfig, ModelConfig
     from tokenmill.server.launcher import run_server
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = _model_arg(model, model_option)
     template = _read_template(chat_template)
     try:
         check_kv_cache_dtype(kv_cache_dtype)
@@ -89,6 +109,7 @@ def serve_command(
     except ValueError:
         raise typer.BadParameter(f"{quantization!r}: must be one of {', '.join(QUANTIZATION_METHODS)}",
                                  param_hint="--quantization") from None
+    placement = _cpu_placement(num_threads, cpu_cores)
     engine_config = EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
                           served_model_name=served_model_name, chat_template=template, seed=seed,
@@ -97,11 +118,49 @@ def serve_command(
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=scheduling_policy),
+        num_threads=num_threads, cpu_cores=placement.cores if placement.pinned else None,
+        log_stats_interval_s=_stats_interval(log_stats_interval, disable_log_stats),
     )
     server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
                                  max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
-                                 drain_timeout_s=drain_timeout)
+                                 drain_timeout_s=drain_timeout, log_requests=log_requests)
     raise typer.Exit(run_server(engine_config, server_config, template, log_level))
+
+
+def _stats_interval(seconds: float, disabled: bool) -> float | None:
+    if seconds < 0:
+        raise typer.BadParameter(f"{seconds}: must be >= 0 seconds (0 turns the stats lines off)",
+                                 param_hint="--log-stats-interval")
+    return None if disabled or seconds == 0 else seconds
+
+
+def _cpu_placement(num_threads: int | None, cpu_cores: str | None):
+    """--num-threads / --cpu-cores checked against the cores this process may use (one-line errors)."""
+    from tokenmill.cpu_affinity import parse_cpu_list, resolve_placement
+
+    try:
+        cores = None if cpu_cores is None else parse_cpu_list(cpu_cores)
+        return resolve_placement(num_threads, cores)
+    except ValueError as e:  # "invalid <field>=<value>: <why>" -> "<value>: <why>" under the option's name
+        field, _, why = str(e).removeprefix("invalid ").partition("=")
+        hint = "--num-threads" if field == "num_threads" else "--cpu-cores"
+        raise typer.BadParameter(why, param_hint=hint) from None
+
+
+def _model_arg(positional: str | None, option: str | None) -> str | None:
+    """MODEL or --model (one of them, or both the same), checked before the engine starts."""
+    from tokenmill.model.discovery import check_model
+
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"MODEL is {positional!r} but --model is {option!r}; give the model once",
+                                 param_hint="--model")
+    model = positional if positional is not None else option
+    if model is not None:
+        try:
+            check_model(model)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="MODEL / --model") from None
+    return model
 
 
 def _read_template(value: str | None) -> str | None:

@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 
 from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.memory import release_free_memory, tree_resident_bytes
 from tokenmill.server.app import create_app
 from tokenmill.server.state import ServerState
 
@@ -67,8 +68,11 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, chat_te
 
     def ready() -> None:
         info = state.engine.model_info
-        log.info("serving model %s (max_model_len %d, KV cache capacity %d tokens) at %s/v1",
-                 state.model_name, info.max_model_len, getattr(info, "kv_capacity_tokens", 0), url)
+        release_free_memory()  # the unpickled tokenizer's parse temporaries: ~270 MB for Gemma's
+        kv_gib = info.extra.get("kv_cache_bytes", 0) / (1 << 30)
+        log.info("serving model %s (max_model_len %d, KV cache capacity %d tokens in %.2f GiB, resident memory "
+                 "%.2f GB with the engine core) at %s/v1", state.model_name, info.max_model_len,
+                 getattr(info, "kv_capacity_tokens", 0), kv_gib, tree_resident_bytes() / 1e9, url)
 
     state.extra["on_ready"] = ready
     log.info("tokenmill server starting at %s; loading model %s", url, engine_config.model.model or "(default)")

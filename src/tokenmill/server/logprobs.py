@@ -23,9 +23,14 @@ def _entries(c: Any, tokenizer: Any, k: int) -> list[tuple[str, float | None, li
         chosen = step.get(tid)
         top = sorted(((t, lp) for t, lp in step.items() if getattr(lp, "rank", None) is not None
                       and lp.rank >= 1), key=lambda e: e[1].rank)[:k]
-        out.append((token_text(tokenizer, tid, chosen), float(chosen.logprob) if chosen else None,
-                    [(token_text(tokenizer, t, lp), float(lp.logprob)) for t, lp in top]))
+        out.append((token_text(tokenizer, tid, chosen), _finite(chosen.logprob) if chosen else None,
+                    [(token_text(tokenizer, t, lp), _finite(lp.logprob)) for t, lp in top]))
     return out
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -inf; OpenAI and vLLM report -9999.0 for "impossible".
+    return max(float(logprob), -9999.0)
 
 
 def completion_logprobs(acc: dict[str, list], c: Any, tokenizer: Any, k: int, offset: int) -> int:
@@ -41,12 +46,18 @@ def completion_logprobs(acc: dict[str, list], c: Any, tokenizer: Any, k: int, of
         best: dict[str, float] = {}
         for t, v in top:  # distinct ids can decode alike (byte tokens -> U+FFFD): keep the likelier one
             best.setdefault(t, v)
+        if k > 0 and logprob is not None:
+            # OpenAI and vLLM list the sampled token too when it is outside the top k (k + 1 entries).
+            best.setdefault(text, logprob)
         acc["top_logprobs"].append(best if k > 0 else None)
     return offset
 
 
 def chat_logprobs(c: Any, tokenizer: Any, k: int) -> list[dict[str, Any]]:
-    """Chat `logprobs.content` entries for the new tokens of `c`."""
+    """Chat `logprobs.content` entries for the new tokens of `c`.
+
+    Unlike completions, `top_logprobs` holds exactly the k likeliest tokens (OpenAI's definition; vLLM also
+    returns k entries): the sampled token's own logprob is already in the entry itself."""
     return [
         # OpenAI reports -9999.0 where a logprob is unavailable; its schema has no null here.
         {"token": text, "logprob": -9999.0 if logprob is None else logprob, "bytes": list(text.encode("utf-8")),

@@ -10,13 +10,50 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 _MAX_N = 128
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _conflict(param: str, message: str) -> PydanticCustomError:
+    """A whole-request rule broken: server/errors.py reports `message` as is, with `param` as the field."""
+    return PydanticCustomError("request_conflict", "{message}", {"message": message, "param": param})
+
+
+def _prompt_shape(v: Any) -> Any:
+    """OpenAI's four prompt forms; a list mixing them gets one clear error, not one per union member."""
+    if isinstance(v, list) and v:
+        kinds = {_plural_kind(x) for x in v}
+        if len(kinds) > 1 or kinds - {"strings", "integers", "lists"}:
+            raise PydanticCustomError(
+                "prompt_shape", "a list must hold only strings, only token ids (integers) or only lists of token "
+                "ids; got a list of {kinds}", {"kinds": " and ".join(sorted(kinds))})
+    return v
+
+
+def _plural_kind(x: Any) -> str:
+    if isinstance(x, bool):
+        return "booleans"
+    kinds = {str: "strings", int: "integers", float: "numbers", list: "lists", dict: "objects", type(None): "nulls"}
+    return kinds.get(type(x), type(x).__name__)
+
+
+PromptInput = Annotated[StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]],
+                        BeforeValidator(_prompt_shape)]
 
 
 class StreamOptions(_Strict):
@@ -51,15 +88,41 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = 0
     best_of: StrictInt | None = None
+    prompt_logprobs: StrictInt | None = None  # top-k per prompt position; checked by SamplingParams
+    # Structured output arrives with issue 14; until then only the default is accepted (see _unsupported).
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _request_rules(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise _conflict("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        bad = self._unsupported()
+        if bad is not None:
+            raise _conflict(bad[0], f"{bad[0]} is not supported yet by this server ({bad[1]}); remove the field.")
+        return self
+
+    def _unsupported(self) -> tuple[str, str] | None:
+        """(field, what is accepted) for the first field set to something the server cannot do yet."""
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format", 'only {"type": "text"} is accepted'
+        return None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: PromptInput
     max_tokens: StrictInt | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
     add_special_tokens: StrictBool = True
+
+
+def _text_only(v: Any) -> Any:
+    if isinstance(v, dict) and isinstance(v.get("type"), str) and v["type"] != "text":
+        raise PydanticCustomError("unsupported_content", "content part type '{kind}' is not supported (this model "
+                                  "takes text only; send {\"type\": \"text\", \"text\": ...} parts)",
+                                  {"kind": v["type"]})
+    return v
 
 
 class TextPart(_Strict):
@@ -69,7 +132,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[Annotated[TextPart, BeforeValidator(_text_only)]] | None = None
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -91,11 +154,26 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: StrictStr | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: StrictBool = False
+    # Tool calling arrives with structured output (issue 14): the fields parse, and only "no tools" passes.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def _unsupported(self) -> tuple[str, str] | None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, "tool calling is not implemented; send no tools"
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name, 'only "none" is accepted'
+        return super()._unsupported()
 
 
 class EmbeddingRequest(_Strict):
     model: StrictStr | None = None
-    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None

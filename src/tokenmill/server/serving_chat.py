@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.errors import APIError, invalid_param
 from tokenmill.server.logprobs import chat_logprobs
+from tokenmill.server.prompt_logprobs import prompt_logprobs_json
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
 from tokenmill.server.serving_engine import (
     admit,
@@ -23,7 +24,7 @@ from tokenmill.server.serving_engine import (
     sampling_params,
 )
 from tokenmill.server.state import ServerState
-from tokenmill.server.streaming import until_disconnect, sse_response
+from tokenmill.server.streaming import sse_response, until_disconnect
 
 
 def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -62,6 +63,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     engine = state.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_param("top_logprobs", "invalid top_logprobs: requires logprobs=true")
+    if body.prompt_logprobs is not None and body.stream:  # vLLM refuses this combination too
+        raise invalid_param("prompt_logprobs", "invalid prompt_logprobs with stream=true: chat returns prompt "
+                                               "logprobs only without streaming")
     text = render_chat(state, body.messages, body.add_generation_prompt, body.continue_final_message,
                        body.chat_template, body.chat_template_kwargs)
     ids = list(engine.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
@@ -70,7 +74,14 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if max_tokens is not None and max_tokens < 1:
         raise invalid_param(field, f"invalid {field}={max_tokens}: must be an integer >= 1")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs, len(ids), engine.model_info.max_model_len, "messages")
+    try:
+        params = sampling_params(body, max_tokens, logprobs, len(ids), engine.model_info.max_model_len, "messages",
+                                 body.prompt_logprobs)
+    except APIError as exc:
+        if exc.param == "max_tokens":  # name the field the client actually sent
+            exc.param = field
+            exc.message = exc.message.replace("max_tokens", field)
+        raise
     [slot] = admit(state, body.n)
     rid = new_request_id("chatcmpl")
     echo = body.messages[-1].text() if body.echo and body.messages[-1].role == "assistant" else ""
@@ -82,7 +93,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
 
 class _Ctx:
-    __slots__ = ("id", "created", "model", "body", "num_prompt", "tokenizer", "echo")
+    __slots__ = ("body", "created", "echo", "id", "model", "num_prompt", "tokenizer")
 
     def __init__(self, rid: str, created: int, model: str, body: ChatCompletionRequest, num_prompt: int,
                  tokenizer: Any, echo: str) -> None:
@@ -110,8 +121,10 @@ async def _full(ctx: _Ctx, stream: AsyncIterator[Any]) -> dict[str, Any]:
     reasons: dict[int, tuple[str | None, Any]] = {}
     completion_tokens = cached = 0
     k = ctx.body.top_logprobs or 0
+    prompt_lps = None
     async for out in stream:
         cached = getattr(out, "num_cached_tokens", 0) or 0
+        prompt_lps = getattr(out, "prompt_logprobs", None) or prompt_lps
         for c in out.outputs:
             completion_tokens += len(c.token_ids)
             texts[c.index].append(c.text)
@@ -126,7 +139,8 @@ async def _full(ctx: _Ctx, stream: AsyncIterator[Any]) -> dict[str, Any]:
                         "logprobs": {"content": lps[i]} if ctx.body.logprobs else None,
                         "finish_reason": reason, "stop_reason": stop_reason})
     return {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
-            "choices": choices, "usage": ctx.usage(completion_tokens, cached), "system_fingerprint": None}
+            "choices": choices, "usage": ctx.usage(completion_tokens, cached), "system_fingerprint": None,
+            "prompt_logprobs": prompt_logprobs_json(prompt_lps)}  # vLLM's extra, at the response level
 
 
 async def _stream(ctx: _Ctx, stream: AsyncIterator[Any]) -> AsyncIterator[dict[str, Any]]:

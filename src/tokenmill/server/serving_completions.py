@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.errors import invalid_param
 from tokenmill.server.logprobs import completion_logprobs
+from tokenmill.server.prompt_logprobs import echo_prompt_logprobs, prompt_logprobs_json
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving_engine import (
     admit,
@@ -63,9 +64,16 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     if body.echo:
         # The echoed prompt needs text even when given as ids.
         prompts = [(t if t is not None else engine.tokenizer.decode(ids), ids) for t, ids in prompts]
-        if body.logprobs is not None:
-            raise invalid_param("echo", "invalid echo=true with logprobs: prompt logprobs are not supported")
-    params = [sampling_params(body, body.max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt")
+    elif body.max_tokens == 0:
+        raise invalid_param("max_tokens", "invalid max_tokens=0: must be an integer >= 1 (0 only with echo=true, "
+                                          "which returns the prompt alone, e.g. to score it with logprobs)")
+    # vLLM's rules: echo with logprobs scores the prompt too; max_tokens 0 with echo generates one token that
+    # the answer leaves out (finish_reason "length").
+    num_prompt_lps = body.prompt_logprobs
+    if num_prompt_lps is None and body.echo:
+        num_prompt_lps = body.logprobs
+    max_tokens = 1 if body.echo and body.max_tokens == 0 else body.max_tokens
+    params = [sampling_params(body, max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt", num_prompt_lps)
               for _, ids in prompts]
     slots = admit(state, body.n, len(prompts))
     rid = new_request_id("cmpl")
@@ -79,11 +87,28 @@ async def create_completion(state: ServerState, request: Request) -> Response:
 
 
 class _Ctx:
-    __slots__ = ("id", "created", "model", "body", "prompts", "tokenizer")
+    __slots__ = ("body", "created", "echo_only", "id", "model", "prompt_lps", "prompts", "tokenizer")
 
     def __init__(self, rid: str, created: int, model: str, body: CompletionRequest,
                  prompts: list[tuple[str | None, list[int]]], tokenizer: Any) -> None:
         self.id, self.created, self.model, self.body, self.prompts, self.tokenizer = rid, created, model, body, prompts, tokenizer
+        self.echo_only = body.echo and body.max_tokens == 0  # the prompt alone: the generated token is dropped
+        self.prompt_lps: dict[int, list[Any]] = {}  # prompt index -> engine prompt logprobs, once they arrive
+
+    def note_prompt_logprobs(self, p: int, out: Any) -> None:
+        plps = getattr(out, "prompt_logprobs", None)
+        if plps is not None:
+            self.prompt_lps[p] = plps
+
+    def start_logprobs(self, p: int) -> tuple[dict[str, list], int]:
+        """A choice's `logprobs` object with the echoed prompt's tokens when known, and the next text_offset."""
+        acc: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        if not self.body.echo:
+            return acc, 0
+        plps = self.prompt_lps.get(p)
+        if plps is None:
+            return acc, len(self.prompts[p][0] or "")
+        return acc, echo_prompt_logprobs(acc, self.prompts[p][1], plps, self.tokenizer, self.body.logprobs or 0)
 
     def usage(self, completion_tokens: int, cached: int) -> dict[str, Any]:
         prompt_tokens = sum(len(ids) for _, ids in self.prompts)
@@ -103,25 +128,33 @@ async def _full(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> dict[str, Any]:
     reasons: dict[int, tuple[str | None, Any]] = {}
     completion_tokens = 0
     cached: dict[int, int] = {}
+    samples: dict[int, list[Any]] = {}  # choice index -> its CompletionOutput deltas
     async for p, out in merge(streams):
         cached[p] = getattr(out, "num_cached_tokens", 0) or 0
+        ctx.note_prompt_logprobs(p, out)
         for c in out.outputs:
             idx = p * n + c.index
             if idx not in texts:
                 texts[idx] = [ctx.prompts[p][0] or ""] if ctx.body.echo else []
-                offsets[idx] = len(texts[idx][0]) if texts[idx] else 0
-                lps[idx] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-            completion_tokens += len(c.token_ids)
-            if want_lp:
-                offsets[idx] = completion_logprobs(lps[idx], c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
-            texts[idx].append(c.text)
+                samples[idx] = []
             if c.finish_reason is not None:
                 reasons[idx] = (c.finish_reason, c.stop_reason)
+            if ctx.echo_only:
+                continue
+            completion_tokens += len(c.token_ids)
+            samples[idx].append(c)
+            texts[idx].append(c.text)
     choices = []
     for idx in sorted(texts):
+        p = idx // n
+        if want_lp:  # formatted once all is in: the echoed prompt's logprobs come first
+            lps[idx], offsets[idx] = ctx.start_logprobs(p)
+            for c in samples[idx]:
+                offsets[idx] = completion_logprobs(lps[idx], c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
         reason, stop_reason = reasons.get(idx, (None, None))
         choices.append({"index": idx, "text": "".join(texts[idx]), "logprobs": lps[idx] if want_lp else None,
-                        "finish_reason": reason, "stop_reason": stop_reason})
+                        "finish_reason": reason, "stop_reason": stop_reason,
+                        "prompt_logprobs": prompt_logprobs_json(ctx.prompt_lps.get(p))})
     return {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
             "choices": choices, "usage": ctx.usage(completion_tokens, sum(cached.values())),
             "system_fingerprint": None}
@@ -135,24 +168,33 @@ async def _stream(ctx: _Ctx, streams: list[AsyncIterator[Any]]) -> AsyncIterator
     cached: dict[int, int] = {}
     async for p, out in merge(streams):
         cached[p] = getattr(out, "num_cached_tokens", 0) or 0
+        ctx.note_prompt_logprobs(p, out)
         for c in out.outputs:
             idx = p * n + c.index
-            text = c.text
-            if idx not in offsets:
-                offsets[idx] = 0
+            first = idx not in offsets
+            text, token_ids = ("", []) if ctx.echo_only else (c.text, c.token_ids)
+            lp = None
+            if first:
+                # The first chunk carries the echoed prompt (and its logprobs: they arrive with the first output).
+                lp, offsets[idx] = ctx.start_logprobs(p)
                 if ctx.body.echo:
                     text = (ctx.prompts[p][0] or "") + text
-            if not text and not c.token_ids and c.finish_reason is None:
+            if not text and not token_ids and c.finish_reason is None:
                 continue
-            completion_tokens += len(c.token_ids)
-            lp = None
-            if ctx.body.logprobs is not None:
-                lp = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-                offsets[idx] = completion_logprobs(lp, c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
+            completion_tokens += len(token_ids)
+            if ctx.body.logprobs is None:
+                lp = None
+            else:
+                lp = lp if lp is not None else {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+                if not ctx.echo_only:
+                    offsets[idx] = completion_logprobs(lp, c, ctx.tokenizer, ctx.body.logprobs, offsets[idx])
+            choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                      "stop_reason": c.stop_reason}
+            if first and p in ctx.prompt_lps and ctx.body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(ctx.prompt_lps[p])
             chunk: dict[str, Any] = {
                 "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                "choices": [{"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                             "stop_reason": c.stop_reason}],
+                "choices": [choice],
             }
             if include_usage:
                 chunk["usage"] = None

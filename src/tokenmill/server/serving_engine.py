@@ -26,6 +26,7 @@ from tokenmill.server.errors import (
     validation_message,
 )
 from tokenmill.server.metrics import RequestTiming
+from tokenmill.server.request_log import RequestSummary, log_finished, log_received
 from tokenmill.server.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
@@ -89,7 +90,7 @@ def check_model(state: ServerState, model: str | None) -> str:
 
 
 def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num_prompt_tokens: int,
-                    max_model_len: int, prompt_param: str) -> SamplingParams:
+                    max_model_len: int, prompt_param: str, prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams from a request body; ValueError -> 400 naming the field; 400 when too long."""
     if max_tokens is not None and max_tokens < 1:
         raise invalid_param("max_tokens", f"invalid max_tokens={max_tokens}: must be an integer >= 1")
@@ -120,6 +121,7 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         logit_bias=bias,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
@@ -195,6 +197,9 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
     arrival_wall = time.time()
     prev: float | None = None
     finished: dict[int, str] = {}
+    num_out, num_cached, http_status = 0, 0, None  # for the per-request log line
+    if state.server_config.log_requests:
+        log_received(request_id, prompt_ids, params, engine.tokenizer)
     stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority)
     try:
         try:
@@ -210,18 +215,29 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
                 for c in out.outputs:
                     if c.finish_reason is not None:
                         finished[c.index] = c.finish_reason
+                num_out, num_cached = num_out + new, max(num_cached, out.num_cached_tokens)
+                if len(finished) == params.n:
+                    http_status = 200  # the consumer may stop right after the last delta
                 yield out
-        except (APIError, asyncio.CancelledError, GeneratorExit):
+            http_status = 200
+        except APIError as exc:
+            http_status = exc.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
             raise
         except EngineDeadError as exc:
+            http_status = 503
             raise engine_dead(str(exc)) from exc
         except RequestError as exc:
             finished.update({i: "error" for i in range(params.n) if i not in finished})
+            http_status = 500
             raise APIError(500, f"the engine failed this request: {exc}", "internal_error",
                            code="request_failed") from exc
         except ValueError as exc:
+            http_status = 400
             raise invalid_param("prompt", str(exc)) from exc
         except Exception as exc:
+            http_status = 500
             if engine.errored:
                 raise engine_dead(str(exc)) from exc
             raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error",
@@ -232,8 +248,11 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
         pop = getattr(getattr(engine, "client", None), "pop_first_scheduled", None)
         if pop is not None:
             pop(request_id)
-        state.metrics.observe_finished(timing, _overall_reason(finished, params.n), len(prompt_ids),
-                                       time.monotonic())
+        now, reason = time.monotonic(), _overall_reason(finished, params.n)
+        state.metrics.observe_finished(timing, reason, len(prompt_ids), now)
+        ttft = None if timing.first_token is None else timing.first_token - timing.arrival
+        log_finished(RequestSummary(request_id, reason, http_status, len(prompt_ids), num_out, num_cached, ttft,
+                                    now - timing.arrival))
         await stream.aclose()  # aborts the request in the core if it is still running
 
 

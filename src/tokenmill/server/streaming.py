@@ -33,7 +33,7 @@ def sse(payload: dict[str, Any]) -> bytes:
 def sse_error(exc: BaseException) -> bytes:
     if isinstance(exc, APIError):
         return sse(exc.body())
-    return sse(error_body(f"{type(exc).__name__}: {exc}", "internal_error", None, 500))
+    return sse(error_body(f"{type(exc).__name__}: {exc}", "internal_error", None, "internal_error"))
 
 
 async def sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
