@@ -62,6 +62,15 @@ ts("Prefix cache hit rate and preemptions",
    [(f"sum(rate(tokenmill_prefix_cache_hits_total{{{M}}}[$__rate_interval])) / sum(rate(tokenmill_prefix_cache_queries_total{{{M}}}[$__rate_interval]))", "hit rate"),
     (f"sum(rate(tokenmill_num_preemptions_total{{{M}}}[$__rate_interval]))", "preemptions/s")], "percentunit", 16)
 y += 8
+ts("Constrained requests by kind",
+   [(f"sum by (kind) (rate(tokenmill_constrained_requests_total{{{M}}}[$__rate_interval]))", "{{kind}}")], "reqps", 0,
+   desc="Requests decoding under a JSON schema, regex, choice, grammar, JSON object or forced tool calls.")
+ts("Grammar compile time", quantiles("tokenmill_grammar_compile_seconds", M), "s", 8,
+   desc="Compiles in the engine core's thread pool; a grammar-cache hit counts with its near-zero time.")
+ts("Grammar compiles waiting / failing",
+   [(f"sum(tokenmill_num_requests_waiting_for_grammar{{{M}}})", "waiting for grammar"),
+    (f"sum(rate(tokenmill_grammar_compile_failures_total{{{M}}}[$__rate_interval]))", "failures/s")], "short", 16)
+y += 8
 row("Gateway (tokenmill gateway)")
 ts("Requests by pool and status", [(f"sum by (pool, status) (rate(tokenmill_gateway_requests_total{{{P}}}[$__rate_interval]))",
                                     "{{pool}} {{status}}")], "reqps", 0)

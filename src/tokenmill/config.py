@@ -75,6 +75,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # fcfs | priority
+    # Structured output: a request whose grammar is not compiled within this many seconds fails (only it);
+    # compiles run on this many threads, off the step loop.
+    grammar_compile_timeout_s: float = 30.0
+    grammar_compile_threads: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +105,11 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     # Log each request's prompt (truncated) and sampling params at INFO; off: only the per-request summary.
     log_requests: bool = False
+    # tool_choice "auto": the tool-call parser (tokenmill/tools) that extracts calls from model text;
+    # None: "auto" is refused (vLLM's --enable-auto-tool-choice --tool-call-parser NAME).
+    tool_call_parser: str | None = None
+    max_tools: int = 128  # tools per request (OpenAI's limit)
+    # Bounds on a request's decoding constraint (JSON schema, regex, grammar, choices), checked before the
+    # engine core sees it: compile time and matcher memory grow with size and nesting.
+    max_structured_output_bytes: int = 64 * 1024
+    max_json_schema_depth: int = 32

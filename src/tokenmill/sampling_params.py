@@ -2,10 +2,55 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _MAX_N = 128
 _MAX_LOGPROBS = 20
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """One decoding constraint per request (vLLM's shape): a JSON schema (dict or JSON text), a regex, a list
+    of choices, an EBNF grammar (GBNF as llama.cpp writes it), or any JSON object. Exactly one kind is set.
+    `disable_any_whitespace`: JSON without optional whitespace (else whitespace runs are bounded).
+    Plain values only, so it crosses the engine-core boundary through msgpack."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"invalid structured_outputs.json: not valid JSON ({e})") from None
+        kinds = self.kinds
+        if len(kinds) != 1:
+            got = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"invalid structured_outputs: exactly one of {', '.join(_KINDS)} must be set; got {got}")
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("invalid structured_outputs.json: must be a JSON schema (an object)")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("invalid structured_outputs.choice: must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"invalid structured_outputs.{name}: must be a non-empty string")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in _KINDS if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds[0]
 
 
 @dataclass(slots=True)
@@ -30,8 +75,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):  # from the wire (msgpack) or a plain dict
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:

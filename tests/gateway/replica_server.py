@@ -4,6 +4,8 @@ Not a model server. It exists so gateway tests can start replicas in well under 
 one deliberately slow, failing or killable. It speaks the same HTTP surface the gateway relies on:
 /v1/completions and /v1/chat/completions (stream or not), /v1/embeddings (hashed bag of words),
 /v1/models, /health, and /metrics with tokenmill_num_requests_waiting / _running / kv_cache_usage_perc.
+A constrained request (tools, response_format, structured_outputs) is answered by echo(): the body bytes it
+received, as content, and a tool call when tools were sent, so a test can see what reached the replica.
 
     python tests/gateway/replica_server.py --port 8001 --token-delay 0.01 --max-running 4
 """
@@ -48,7 +50,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             f"# TYPE tokenmill_kv_cache_usage_perc gauge\ntokenmill_kv_cache_usage_perc{lab} {kv}\n"
             f"# TYPE test_replica_served counter\ntest_replica_served_total {state['served']}\n")
 
-    async def generate(body: dict, chat: bool, request: Request):
+    async def generate(raw: bytes, chat: bool, request: Request):
+        body = json.loads(raw)
+        if any(k in body for k in ("tools", "response_format", "structured_outputs")):
+            return echo(raw, body, chat)
         if args.fail_status:
             return JSONResponse({"error": {"message": "test replica failing on purpose", "type": "server_error",
                                            "param": None, "code": None}}, status_code=args.fail_status)
@@ -101,11 +106,11 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(await request.json(), False, request)
+        return await generate(await request.body(), False, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await generate(await request.json(), True, request)
+        return await generate(await request.body(), True, request)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
@@ -116,6 +121,45 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
 
     return app
+
+
+def echo(raw: bytes, body: dict, chat: bool):
+    """The received body as the content; with tools, one call to the first tool (arguments: how many
+    tools were sent). Deterministic (id from the body's hash, created 0), so direct and relayed answers compare byte
+    for byte. Streamed: the call's id/name first, its arguments in two fragments, then the content."""
+    rid = f"echo-{hashlib.sha256(raw).hexdigest()[:16]}"
+    text = raw.decode()
+    tools = body.get("tools") or []
+    call = None
+    if tools:
+        args_json = json.dumps({"num_tools": len(tools)})
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": tools[0]["function"]["name"], "arguments": args_json}}
+    reason = "tool_calls" if call else "stop"
+    if not body.get("stream"):
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text,
+                                           **({"tool_calls": [call]} if call else {})}, "finish_reason": reason}
+                  if chat else {"index": 0, "text": text, "finish_reason": reason})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": 0,
+                             "model": body.get("model"), "choices": [choice]})
+    deltas: list[dict] = []
+    if call and chat:
+        a = call["function"]["arguments"]
+        deltas += [{"role": "assistant", "tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                                         "function": {"name": call["function"]["name"]}}]},
+                   {"tool_calls": [{"index": 0, "function": {"arguments": a[:5]}}]},
+                   {"tool_calls": [{"index": 0, "function": {"arguments": a[5:]}}]}]
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    async def events():
+        pieces = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+        pieces.append({"index": 0, "delta": {"content": text}, "finish_reason": reason} if chat
+                      else {"index": 0, "text": text, "finish_reason": reason})
+        for c in pieces:
+            yield f"data: {json.dumps({'id': rid, 'object': kind, 'model': body.get('model'), 'choices': [c]})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def embed(text: str, dim: int = 64) -> list[float]:

@@ -106,7 +106,11 @@ def test_embedding_scorer_failure_falls_back_to_the_heuristic():
     import httpx
 
     from tokenmill.gateway.actuators import free_port
-    from tokenmill.gateway.config import EmbeddingScorerConfig, RouteConfig, RouteExample
+    from tokenmill.gateway.config import (
+        EmbeddingScorerConfig,
+        RouteConfig,
+        RouteExample,
+    )
     from tokenmill.gateway.model_router import ModelRouter
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -119,3 +123,52 @@ def test_embedding_scorer_failure_falls_back_to_the_heuristic():
 
     d = asyncio.run(main())
     assert d.pool == "s" and d.score.features["fallback"] == 1.0
+
+
+GREETING_BODY = {"model": "auto", "messages": [{"role": "user", "content": "Hi there!"}], "max_tokens": 16}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize(("extra", "kind"), [
+    ({}, None),
+    ({"tools": [WEATHER_TOOL]}, "tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, None),  # the model writes free text
+    ({"tools": []}, None),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "response_format"),
+    ({"response_format": {"type": "text"}}, None),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
+    ({"structured_outputs": {"json_object": True}}, "structured_outputs"),
+    ({"structured_outputs": {"disable_any_whitespace": True}}, None),  # no constraint kind set
+    ({"guided_choice": ["yes", "no"]}, "guided"),
+])
+def test_constraint_kind(extra, kind):
+    from tokenmill.gateway.model_router import constraint_kind
+
+    assert constraint_kind({**GREETING_BODY, **extra}) == kind
+
+
+def test_constrained_requests_route_to_the_large_pool():
+    import httpx
+
+    from tokenmill.gateway.config import RouteConfig
+    from tokenmill.gateway.model_router import ModelRouter
+
+    route = RouteConfig(alias="auto", small="s", large="l", threshold=0.5)
+
+    async def main(body: dict):
+        async with httpx.AsyncClient() as client:
+            return await ModelRouter((route,), client).route("auto", body)
+
+    plain = asyncio.run(main(GREETING_BODY))
+    assert plain.pool == "s" and "constrained" not in plain.score.features
+    for extra in ({"tools": [WEATHER_TOOL]}, {"response_format": {"type": "json_object"}},
+                  {"structured_outputs": {"choice": ["a", "b"]}}):
+        d = asyncio.run(main({**GREETING_BODY, **extra}))
+        # the text alone scores low; the constraint alone sends it to the large pool
+        assert d.pool == "l" and d.score.value == plain.score.value and d.score.features["constrained"] == 1.0
+    off = asyncio.run(main({**GREETING_BODY, "tools": [WEATHER_TOOL], "tool_choice": "none"}))
+    assert off.pool == "s"

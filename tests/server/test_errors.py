@@ -123,15 +123,13 @@ HI = [{"role": "user", "content": "hi"}]
      ["only allowed when 'stream' is enabled"]),
     ("/v1/chat/completions", {"messages": HI, "stream": False, "stream_options": {"include_usage": True}},
      "stream_options", ["only allowed when 'stream' is enabled"]),
-    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-     ["not supported yet"]),
-    ("/v1/chat/completions", {"messages": HI, "tool_choice": "auto"}, "tool_choice", ["not supported yet"]),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"description": "f"}}]},
+     "tools", ["invalid tools[0].function.name=None"]),
+    ("/v1/chat/completions", {"messages": HI, "tool_choice": "auto"}, "tool_choice", ["requires `tools`"]),
     ("/v1/chat/completions", {"messages": HI, "functions": [{"name": "f"}]}, "functions", ["not supported yet"]),
     ("/v1/chat/completions", {"messages": HI, "function_call": {"name": "f"}}, "function_call", ["not supported yet"]),
-    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format",
-     ["not supported yet"]),
     ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format",
-     ["not supported yet"]),
+     ["response_format.json_schema: required"]),
 ])
 def test_clear_one_line_messages(post, path, body, param, needles):
     err = assert_error(post(path, body), 400, param=param)

@@ -54,6 +54,8 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         max_num_batched_tokens=kw.pop("max_num_batched_tokens", None) or 2048,
         enable_chunked_prefill=True if chunked is None else bool(chunked),
         policy=kw.pop("scheduling_policy", "fcfs"),
+        grammar_compile_timeout_s=kw.pop("grammar_compile_timeout_s", None) or 30.0,
+        grammar_compile_threads=kw.pop("grammar_compile_threads", None) or 2,
     )
     # vLLM's LLM() defaults to disable_log_stats=True; disable_log_stats=False logs the periodic stats line.
     log_stats = DEFAULT_LOG_STATS_INTERVAL_S if kw.pop("disable_log_stats", True) is False else None

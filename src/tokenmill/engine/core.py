@@ -11,12 +11,36 @@ import logging
 from typing import Any, Protocol
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.outputs import KVCacheGroupSpec, ModelOutput, SchedulerOutput, SeqOutputDelta
+from tokenmill.engine.outputs import (
+    KVCacheGroupSpec,
+    ModelOutput,
+    SchedulerOutput,
+    SeqOutputDelta,
+)
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.stats import SchedulerStats
+from tokenmill.structured_output.manager import StructuredOutputManager
 
 log = logging.getLogger(__name__)
+
+
+# With only grammars compiling, a step blocks this long for one to finish (short: new requests and aborts
+# are read between steps).
+_GRAMMAR_IDLE_WAIT_S = 0.005
+
+
+def _structured_output_manager(config: EngineConfig, loaded: Any) -> StructuredOutputManager | None:
+    """The model's grammar backend (xgrammar loads on the first constrained request), or None without a
+    tokenizer. The mask spans the LM head's width, which can exceed the tokenizer (Gemma: 262,144)."""
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    model_cfg = getattr(getattr(loaded, "model", None), "config", None)
+    width = int(getattr(model_cfg, "vocab_size", 0) or loaded.vocab_size)
+    return StructuredOutputManager(tokenizer, width, list(getattr(loaded, "eos_token_ids", []) or []),
+                                   compile_timeout_s=config.scheduler.grammar_compile_timeout_s,
+                                   compile_threads=config.scheduler.grammar_compile_threads)
 
 
 class Runner(Protocol):
@@ -40,7 +64,8 @@ class EngineCore:
             from dataclasses import replace
             cache = replace(cache, block_size=runner.block_size)
         self.scheduler = Scheduler(config.scheduler, cache, runner.kv_cache_groups, runner.num_blocks,
-                                   self.max_model_len, getattr(loaded, "vocab_size", None))
+                                   self.max_model_len, getattr(loaded, "vocab_size", None),
+                                   structured=_structured_output_manager(config, loaded))
         self._stale_finished: list[str] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -62,6 +87,7 @@ class EngineCore:
         if not sched.seqs:
             # Nothing to run: hold the runner's clean-up list for the next real step.
             self._stale_finished = sched.finished_seq_ids
+            self.scheduler.wait_for_grammars(_GRAMMAR_IDLE_WAIT_S)
             return self.scheduler.update(sched, ModelOutput(sampled=[]))
         try:
             out = self.runner.execute(sched)

@@ -10,9 +10,14 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.args import engine_config, normalize_prompt
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import RequestState
-from tokenmill.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from tokenmill.engine.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tools.prompt import with_tools
 
 
 class LLM:
@@ -79,17 +84,26 @@ class LLM:
             raise
         return [states[rid].final_output() for rid in order]
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, **_: Any) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+             add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             **_: Any) -> list[RequestOutput]:
+        """Apply the chat template (`chat_template`, else the model's) to one conversation or a list of them,
+        then generate. `tools` (OpenAI function definitions) are rendered as vLLM's LLM.chat does; a template
+        that cannot show them is swapped or fed plain turns (tokenmill/tools/prompt.py). Calls are not parsed:
+        use tokenmill.tools.get_tool_parser(name).extract(text) on the output."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.loaded.tokenizer
-        template = self.loaded.chat_template
+        base = chat_template or self.loaded.chat_template
+        if not base:
+            raise ValueError("invalid chat_template: this model has no chat template; pass chat_template=...")
         prompts = []
         for conv in convs:
+            conv, conv_tools, template = with_tools(list(conv), tools, base)
+            kwargs = {**(chat_template_kwargs or {}), **({"tools": conv_tools} if conv_tools else {})}
             ids = tok.apply_chat_template(conv, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                          tokenize=True)
+                                          tokenize=True, **kwargs)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})

@@ -7,6 +7,7 @@ runs in its own process. No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.kv_cache_spec import KVCacheGroupSpec
 from tokenmill.sampling_params import SamplingParams
@@ -55,6 +56,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
     finished_seq_ids: list[str] = field(default_factory=list)  # runner drops their state
+    # Structured output: this step's token mask for the sampled rows (structured_output.GrammarBitmask, holding
+    # a tensor: in-process only, runner and scheduler share the core process); None: no constrained row.
+    grammar_bitmask: Any = None
 
     @property
     def num_batched_tokens(self) -> int:

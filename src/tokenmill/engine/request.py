@@ -51,6 +51,7 @@ class EngineCoreRequest:
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # structured output: parked until its grammar compiles
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
@@ -27,10 +28,14 @@ from tokenmill.engine.prompt_logprobs import PromptLogprobsCollector
 from tokenmill.engine.request import EngineCoreRequest, Request, SeqStatus, Sequence
 from tokenmill.engine.stats import SchedulerStats
 
+if TYPE_CHECKING:
+    from tokenmill.structured_output.manager import StructuredOutputManager
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, kv_groups: Seq[KVCacheGroupSpec],
-                 num_blocks: Seq[int], max_model_len: int, vocab_size: int | None = None) -> None:
+                 num_blocks: Seq[int], max_model_len: int, vocab_size: int | None = None,
+                 structured: StructuredOutputManager | None = None) -> None:
         if config.policy not in ("fcfs", "priority"):
             raise ValueError(f"invalid policy={config.policy!r}: must be 'fcfs' or 'priority'")
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
@@ -51,6 +56,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # Constrained decoding: requests parked (SeqStatus.WAITING_FOR_GRAMMAR) until their grammar compiles.
+        self.structured = structured
+        self.grammar_waiting: dict[str, list[Sequence]] = {}
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -71,6 +79,9 @@ class Scheduler:
             if bad:
                 raise ValueError(f"invalid prompt_token_ids: {bad[:5]} outside [0, {self.vocab_size})")
         req.params.validate()
+        constraint = req.params.structured_outputs
+        if constraint is not None and self.structured is None:
+            raise ValueError("invalid structured_outputs: this engine has no structured-output backend")
         seqs = [Sequence(req, i, self._order, self.max_model_len) for i in range(req.params.n)]
         self._order += 1
         self.requests[req.request_id] = Request(req.request_id, seqs)
@@ -78,7 +89,13 @@ class Scheduler:
             self.prompt_logprobs.expect(seqs[0].seq_id)  # per request, as vLLM: sample 0 computes them
         for s in seqs:
             self.seqs[s.seq_id] = s
-            self._enqueue(s, front=False)
+            if constraint is None:
+                self._enqueue(s, front=False)
+            else:
+                s.status = SeqStatus.WAITING_FOR_GRAMMAR
+        if constraint is not None:
+            self.grammar_waiting[req.request_id] = seqs
+            self.structured.submit(req.request_id, constraint)
         self.num_prompt_tokens += n
 
     def abort(self, ids: Iterable[str]) -> None:
@@ -99,6 +116,8 @@ class Scheduler:
 
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.grammar_waiting:
+            self._take_compiled_grammars()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}  # seq_id -> num new tokens, in scheduling order
         preempted = False
@@ -150,7 +169,31 @@ class Scheduler:
             ))
             seq.num_computed_tokens += num_new
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(seqs=out, finished_seq_ids=finished)
+        mask = None
+        if self.structured is not None:
+            mask = self.structured.bitmask([s.seq_id for s in out if s.sample])
+        return SchedulerOutput(seqs=out, finished_seq_ids=finished, grammar_bitmask=mask)
+
+    def _take_compiled_grammars(self) -> None:
+        """Queue the requests whose grammar is ready (behind those already waiting), fail those whose compile
+        failed or timed out."""
+        ready, failed = self.structured.poll()
+        for rid, compiled in ready.items():
+            for seq in self.grammar_waiting.pop(rid, []):
+                err = self.structured.add_seq(seq.seq_id, compiled, seq.eos_token_ids + seq.params.stop_token_ids,
+                                              seq.output_token_ids)
+                if err is None:
+                    self._enqueue(seq, front=False)
+                else:
+                    self._fail(seq, err)
+        for rid, msg in failed.items():
+            for seq in list(self.grammar_waiting.get(rid, [])):
+                self._fail(seq, msg)
+
+    def wait_for_grammars(self, timeout_s: float) -> None:
+        """Nothing to run but grammars compiling: block until one is ready rather than spin."""
+        if self.grammar_waiting and self.structured is not None:
+            self.structured.wait(timeout_s)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int]) -> int:
         cfg = self.config
@@ -232,9 +275,18 @@ class Scheduler:
             seq = self.seqs.get(st.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
+            constrained = self.structured is not None and self.structured.is_constrained(seq.seq_id)
+            if constrained:
+                err = self.structured.accept(seq.seq_id, st.token_id, len(seq.output_token_ids))
+                if err is not None:  # never hand out a token that breaks the constraint
+                    self._fail(seq, err)
+                    deltas.append(self._pending.pop())
+                    continue
             seq.output_token_ids.append(st.token_id)
             self.num_generation_tokens += 1
             reason, stop_reason = self._check_stop(seq, st.token_id)
+            if reason is None and constrained and self.structured.is_terminated(seq.seq_id):
+                reason, stop_reason = "stop", st.token_id  # grammar complete: its stop token ended it
             deltas.append(SeqOutputDelta(
                 request_id=seq.request_id,
                 index=seq.index,
@@ -295,6 +347,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status is SeqStatus.WAITING_FOR_GRAMMAR:
+            self._drop_grammar_wait(seq)
+        if self.structured is not None:
+            self.structured.remove_seq(seq.seq_id)
         self.kv.free(seq)
         self.prompt_logprobs.drop(seq.seq_id)
         seq.status = SeqStatus.FINISHED
@@ -304,6 +360,15 @@ class Scheduler:
         req = self.requests.get(seq.request_id)
         if req is not None and req.is_finished:
             del self.requests[seq.request_id]
+
+    def _drop_grammar_wait(self, seq: Sequence) -> None:
+        """A parked sequence ends (abort, failed compile): when it was its request's last, drop the compile."""
+        parked = self.grammar_waiting.get(seq.request_id, [])
+        if seq in parked:
+            parked.remove(seq)
+        if not parked:
+            self.grammar_waiting.pop(seq.request_id, None)
+            self.structured.cancel(seq.request_id)
 
     def _fail(self, seq: Sequence, msg: str) -> None:
         self._finish(seq, "error", error=msg)
@@ -335,4 +400,16 @@ class Scheduler:
             num_blocks_free=self.kv.num_blocks_free,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
+            **self._grammar_stats(),
         )
+
+    def _grammar_stats(self) -> dict:
+        if self.structured is None:
+            return {}
+        st = self.structured.stats
+        return {"num_constrained_requests": st.num_constrained_requests,
+                "num_waiting_for_grammar": sum(len(v) for v in self.grammar_waiting.values()),
+                "num_grammar_compiles": st.num_compiles,
+                "num_grammar_compile_failures": st.num_compile_failures,
+                "grammar_compile_seconds_sum": st.compile_seconds_sum,
+                "grammar_compile_seconds_buckets": list(st.compile_seconds_buckets)}

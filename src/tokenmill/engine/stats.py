@@ -6,7 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Upper bounds (seconds) of the grammar compile-time histogram buckets (cumulative, Prometheus `le`).
+GRAMMAR_COMPILE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass(slots=True)
@@ -21,6 +24,15 @@ class SchedulerStats:
     num_blocks_free: int = 0  # free + evictable cached blocks over all groups
     num_prompt_tokens: int = 0  # cumulative prompt tokens of admitted requests
     num_generation_tokens: int = 0  # cumulative sampled tokens
+    # Structured output (cumulative): requests with a constraint, grammar compiles (a cache hit counts, with
+    # its short time), failed compiles (invalid or timed out), compile seconds; buckets[i]: compiles that
+    # took <= GRAMMAR_COMPILE_BUCKETS_S[i] (the +Inf bucket is num_grammar_compiles).
+    num_constrained_requests: int = 0
+    num_waiting_for_grammar: int = 0  # gauge: sequences whose grammar is still compiling
+    num_grammar_compiles: int = 0
+    num_grammar_compile_failures: int = 0
+    grammar_compile_seconds_sum: float = 0.0
+    grammar_compile_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(GRAMMAR_COMPILE_BUCKETS_S))
 
 
 # Seconds between the periodic stats lines of a serving engine (vLLM's VLLM_LOG_STATS_INTERVAL default).

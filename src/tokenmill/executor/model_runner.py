@@ -183,7 +183,7 @@ class ModelRunner:
                 if st.generator is not None:
                     # Seed per output index: a preempted, re-sent sequence continues exactly where it stopped.
                     st.generator.manual_seed((st.seed * 1_000_003 + len(st.output_token_ids)) % (1 << 63))
-            rows = self.sampler(logits, states, self.generator)
+            rows = self.sampler(logits, states, self.generator, so.grammar_bitmask)
         out = []
         for seq, st, row in zip(sampling, states, rows):
             st.output_token_ids.append(row.token_id)

@@ -3,6 +3,9 @@
 The default scorer is a transparent heuristic: a weighted sum of features in [0, 1], each explainable
 (prompt length, requested max_tokens, code / math / multi-step markers, conversation depth). The
 embedding scorer compares the prompt with labelled examples through an embeddings endpoint.
+
+A constrained request (tools, a JSON response_format, vLLM's structured_outputs) goes to the large pool
+whatever its score: small models are the ones that break a schema or call tools badly.
 """
 
 from __future__ import annotations
@@ -66,6 +69,29 @@ def prompt_text(body: dict) -> str:
 
 def _saturate(count: int, full_at: int) -> float:
     return min(1.0, count / full_at)
+
+
+# vLLM's older per-request constraint fields, still sent by some clients.
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def constraint_kind(body: dict) -> str | None:
+    """Why the request is constrained ("tools", "response_format", "structured_outputs", "guided"), or None.
+
+    Only shapes that constrain decoding count: response_format {"type": "text"} and tool_choice "none"
+    leave the model free."""
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools and body.get("tool_choice") != "none":
+        return "tools"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        return "response_format"
+    so = body.get("structured_outputs")
+    if isinstance(so, dict) and any(v not in (None, False) for k, v in so.items() if k != "disable_any_whitespace"):
+        return "structured_outputs"
+    if any(body.get(k) is not None for k in _GUIDED):
+        return "guided"
+    return None
 
 
 class HeuristicScorer:
@@ -160,8 +186,11 @@ class ModelRouter:
         r = self.routes[alias]
         try:
             s = await self._scorers[alias].score(body)
-        except Exception as e:  # e.g. the embeddings endpoint is down: routing must not fail the request
+        # e.g. the embeddings endpoint is down: routing must not fail the request
+        except Exception as e:  # noqa: BLE001
             log.warning("route %s: scorer failed (%r); using the heuristic", alias, e)
             h = HeuristicScorer().score_sync(body)
             s = Score(h.value, {**h.features, "fallback": 1.0})
+        if constraint_kind(body) is not None:
+            return Decision(r.large, Score(s.value, {**s.features, "constrained": 1.0}))
         return Decision(r.large if s.value >= r.threshold else r.small, s)

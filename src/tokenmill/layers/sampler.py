@@ -1,9 +1,10 @@
 """Batched per-request sampling with one host sync per step.
 
-Order (as vLLM): logit_bias and min_tokens masks -> repetition / frequency / presence penalties -> greedy
-argmax for greedy rows; for the rest temperature -> min_p -> top_k -> top_p -> inverse-CDF sampling with one
-uniform draw per row, drawn for a seeded row from that row's own generator so its tokens do not depend on
-its batch mates. Logprobs come from log_softmax of the RAW model logits.
+Order (as vLLM): structured-output grammar mask -> logit_bias and min_tokens masks -> repetition / frequency /
+presence penalties -> greedy argmax for greedy rows; for the rest temperature -> min_p -> top_k -> top_p ->
+inverse-CDF sampling with one uniform draw per row, drawn for a seeded row from that row's own generator so its
+tokens do not depend on its batch mates. Logprobs come from log_softmax of the raw model logits (after only the
+grammar mask, as vLLM).
 No full-vocabulary sort unless top_p asks for it; top_k uses torch.topk.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.manager import GrammarBitmask, apply_bitmask
 
 
 @dataclass(slots=True)
@@ -52,9 +54,13 @@ class Sampler:
             return self.cpu_kernels.argmax_rows(x)
         return x.argmax(dim=-1)
 
-    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None = None) -> list[SampledRow]:
-        """logits [B, V] float32 (rows in `states` order; modified in place). One host sync."""
+    def __call__(self, logits: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None = None,
+                 grammar_bitmask: GrammarBitmask | None = None) -> list[SampledRow]:
+        """logits [B, V] float32 (rows in `states` order; modified in place). One host sync.
+        grammar_bitmask: structured output's mask for the constrained rows, applied before anything else."""
         num_rows = logits.shape[0]
+        if grammar_bitmask is not None:
+            apply_bitmask(logits, grammar_bitmask)
         params = [s.params for s in states]
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None

@@ -185,6 +185,7 @@ def refresh_engine_metrics(state: ServerState) -> Any:
     state.last_num_waiting = stats.num_waiting
     state.metrics.update_engine(stats.num_running, stats.num_waiting, stats.kv_cache_usage,
                                 stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
+    state.metrics.update_grammar(stats)
     return stats
 
 

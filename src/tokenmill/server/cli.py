@@ -91,6 +91,12 @@ def serve_command(
              "activity); 0 turns them off.")] = DEFAULT_LOG_STATS_INTERVAL_S,
     disable_log_stats: Annotated[bool, typer.Option(
         "--disable-log-stats", help="No periodic stats lines (as vLLM's flag; same as --log-stats-interval 0).")] = False,
+    enable_auto_tool_choice: Annotated[bool, typer.Option(
+        "--enable-auto-tool-choice",
+        help="Allow tool_choice \"auto\": the model writes free text and --tool-call-parser extracts the calls.")] = False,
+    tool_call_parser: Annotated[str | None, typer.Option(
+        help="hermes | llama3_json | pythonic: how the model writes tool calls (with --enable-auto-tool-choice). "
+             "pythonic suits the default Gemma model.")] = None,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)."""
     from tokenmill.config import EngineConfig, ModelConfig
@@ -123,8 +129,24 @@ def serve_command(
     )
     server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
                                  max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
-                                 drain_timeout_s=drain_timeout, log_requests=log_requests)
+                                 drain_timeout_s=drain_timeout, log_requests=log_requests,
+                                 tool_call_parser=_tool_parser(enable_auto_tool_choice, tool_call_parser))
     raise typer.Exit(run_server(engine_config, server_config, template, log_level))
+
+
+def _tool_parser(enabled: bool, name: str | None) -> str | None:
+    """--enable-auto-tool-choice needs --tool-call-parser (and the other way round), as in vLLM."""
+    from tokenmill.tools import TOOL_PARSERS
+
+    if name is not None and name not in TOOL_PARSERS:
+        raise typer.BadParameter(f"{name!r}: must be one of {', '.join(TOOL_PARSERS)}", param_hint="--tool-call-parser")
+    if enabled and name is None:
+        raise typer.BadParameter("--enable-auto-tool-choice needs a parser: add --tool-call-parser "
+                                 f"({' | '.join(TOOL_PARSERS)})", param_hint="--tool-call-parser")
+    if name is not None and not enabled:
+        raise typer.BadParameter("a tool-call parser is used only with --enable-auto-tool-choice; add it",
+                                 param_hint="--enable-auto-tool-choice")
+    return name
 
 
 def _stats_interval(seconds: float, disabled: bool) -> float | None:

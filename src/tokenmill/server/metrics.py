@@ -2,13 +2,20 @@
 
 Gauges and cumulative engine counters come from the core's SchedulerStats; token counters and latency
 histograms are recorded by the front end as requests stream. Every metric carries `model_name`.
+Constrained requests are counted by kind when the front end admits them; the grammar compile-time
+histogram is the core's own cumulative buckets, exposed as they are (the compiles happen in the core).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from tokenmill.engine.stats import GRAMMAR_COMPILE_BUCKETS_S, SchedulerStats
 
 # vLLM's buckets, so dashboards built on its histograms read the same.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -27,6 +34,30 @@ class RequestTiming:
     scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+
+
+# Labels of tokenmill_constrained_requests: the constraint kinds, and "tools" for a constraint built from
+# `tools` / `tool_choice` (required or a named function).
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "tools")
+
+
+class _GrammarCompileCollector(Collector):
+    """tokenmill_grammar_compile_seconds from the core's cumulative buckets (a prometheus Histogram cannot
+    be set from outside, and re-observing a bucket count would lose the times)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.buckets = [0] * len(GRAMMAR_COMPILE_BUCKETS_S)
+        self.count = 0
+        self.sum = 0.0
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        h = HistogramMetricFamily("tokenmill_grammar_compile_seconds",
+                                  "Grammar compile time in the engine core (a grammar-cache hit counts, with its "
+                                  "short time).", labels=["model_name"])
+        pairs = [(str(le), float(n)) for le, n in zip(GRAMMAR_COMPILE_BUCKETS_S, self.buckets)]
+        h.add_metric([self.model_name], pairs + [("+Inf", float(self.count))], self.sum)
+        yield h
 
 
 class ServerMetrics:
@@ -59,10 +90,20 @@ class ServerMetrics:
                                   buckets=_REQUEST_BUCKETS, registry=r)
         self._decode = Histogram("tokenmill_request_decode_time_seconds", "Time from first to last token.", lbl,
                                  buckets=_REQUEST_BUCKETS, registry=r)
+        self._constrained = Counter("tokenmill_constrained_requests", "Admitted requests with a decoding "
+                                    "constraint, by kind.", lbl + ["kind"], registry=r)
+        self._grammar_waiting = Gauge("tokenmill_num_requests_waiting_for_grammar", "Sequences parked until "
+                                      "their grammar compiles.", lbl, registry=r)
+        self._grammar_failures = Counter("tokenmill_grammar_compile_failures", "Grammar compiles that failed "
+                                         "(invalid or over the compile timeout).", lbl, registry=r)
+        self._compile = _GrammarCompileCollector(model_name)
+        r.register(self._compile)
         # Last cumulative values seen from the core, to turn them into counter increments.
-        self._last_cum = {"q": 0, "h": 0, "p": 0}
+        self._last_cum = {"q": 0, "h": 0, "p": 0, "gf": 0}
         for reason in ("stop", "length", "abort"):
             self._success.labels(model_name, reason)  # expose zeros from the start, as vLLM does
+        for kind in CONSTRAINT_KINDS:
+            self._constrained.labels(model_name, kind)
 
     def update_engine(self, num_running: int, num_waiting: int, kv_cache_usage: float,
                       prefix_cache_queries: int, prefix_cache_hits: int, num_preemptions: int) -> None:
@@ -77,6 +118,24 @@ class ServerMetrics:
             if delta > 0:
                 counter.labels(m).inc(delta)
             self._last_cum[key] = max(value, self._last_cum[key])
+
+    def update_grammar(self, stats: SchedulerStats) -> None:
+        """Copy the core's structured-output figures (cumulative, except the waiting gauge)."""
+        m = self.model_name
+        self._grammar_waiting.labels(m).set(stats.num_waiting_for_grammar)
+        delta = stats.num_grammar_compile_failures - self._last_cum["gf"]
+        if delta > 0:
+            self._grammar_failures.labels(m).inc(delta)
+        self._last_cum["gf"] = max(stats.num_grammar_compile_failures, self._last_cum["gf"])
+        if stats.num_grammar_compiles >= self._compile.count:  # counts only grow; never step back
+            self._compile.buckets = list(stats.grammar_compile_seconds_buckets)
+            self._compile.count = stats.num_grammar_compiles
+            self._compile.sum = stats.grammar_compile_seconds_sum
+
+    def observe_constrained(self, kind: str) -> None:
+        """One admitted request decoding under a constraint of `kind` (one of CONSTRAINT_KINDS)."""
+        assert kind in CONSTRAINT_KINDS, kind
+        self._constrained.labels(self.model_name, kind).inc()
 
     def observe_token(self, now: float, prev: float | None, num_tokens: int, timing: RequestTiming) -> None:
         """Record `num_tokens` new output tokens arriving at `now` (prev: the previous arrival)."""

@@ -89,8 +89,10 @@ class _SamplingFields(_Strict):
     priority: StrictInt = 0
     best_of: StrictInt | None = None
     prompt_logprobs: StrictInt | None = None  # top-k per prompt position; checked by SamplingParams
-    # Structured output arrives with issue 14; until then only the default is accepted (see _unsupported).
+    # Decoding constraints: OpenAI's response_format and vLLM's structured_outputs, both checked (shape, size,
+    # compile) in server/structured_outputs.py so errors name the field; any JSON object passes here.
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _request_rules(self) -> _SamplingFields:
@@ -103,8 +105,6 @@ class _SamplingFields(_Strict):
 
     def _unsupported(self) -> tuple[str, str] | None:
         """(field, what is accepted) for the first field set to something the server cannot do yet."""
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format", 'only {"type": "text"} is accepted'
         return None
 
 
@@ -130,10 +130,25 @@ class TextPart(_Strict):
     text: StrictStr
 
 
+class ToolCallFunction(_Strict):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI returns it
+
+
+class MessageToolCall(_Strict):
+    """A call an earlier assistant turn made (sent back in the conversation)."""
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[Annotated[TextPart, BeforeValidator(_text_only)]] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # role "tool": the call this result answers
 
     def text(self) -> str:
         if self.content is None:
@@ -154,20 +169,19 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: StrictStr | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: StrictBool = False
-    # Tool calling arrives with structured output (issue 14): the fields parse, and only "no tools" passes.
+    # Tools: checked in server/tool_calls.py (plan_tools), which names the field in its 400s.
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    # OpenAI's deprecated function-calling fields stay refused: `tools` / `tool_choice` replace them.
     functions: list[Any] | None = None
     function_call: Any = None
-    parallel_tool_calls: StrictBool | None = None
 
     def _unsupported(self) -> tuple[str, str] | None:
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return name, "tool calling is not implemented; send no tools"
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                return name, 'only "none" is accepted'
+        if self.functions:
+            return "functions", "deprecated by OpenAI; send `tools` instead"
+        if self.function_call not in (None, "none"):
+            return "function_call", "deprecated by OpenAI; send `tool_choice` instead"
         return super()._unsupported()
 
 
@@ -244,6 +258,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

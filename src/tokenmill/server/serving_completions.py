@@ -25,6 +25,10 @@ from tokenmill.server.serving_engine import (
 )
 from tokenmill.server.state import ServerState
 from tokenmill.server.streaming import merge, sse_response, until_disconnect
+from tokenmill.server.structured_outputs import (
+    request_structured_outputs_async,
+    with_constraint,
+)
 
 
 def prompt_token_ids(prompt: Any, tokenizer: Any, vocab_size: int, add_special_tokens: bool,
@@ -57,6 +61,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     model = check_model(state, body.model)
     check_generate(state, model)
     engine = state.engine
+    constraint = await request_structured_outputs_async(body, state.server_config)
     if body.suffix:
         raise invalid_param("suffix", "invalid suffix: insertion (suffix) is not supported")
     info = engine.model_info
@@ -75,6 +80,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     max_tokens = 1 if body.echo and body.max_tokens == 0 else body.max_tokens
     params = [sampling_params(body, max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt", num_prompt_lps)
               for _, ids in prompts]
+    if constraint is not None:
+        params = [with_constraint(p, constraint) for p in params]
     slots = admit(state, body.n, len(prompts))
     rid = new_request_id("cmpl")
     created = int(time.time())

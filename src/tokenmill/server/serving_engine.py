@@ -112,20 +112,20 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
             if not k.lstrip("-").isdigit():
                 raise invalid_param("logit_bias", f"invalid logit_bias key {k!r}: keys must be token ids")
             bias[int(k)] = v
-    kwargs: dict[str, Any] = dict(
-        n=body.n,
-        max_tokens=max_tokens,
-        min_tokens=body.min_tokens,
-        seed=body.seed,
-        stop=body.stop or [],
-        stop_token_ids=body.stop_token_ids or [],
-        ignore_eos=body.ignore_eos,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        logit_bias=bias,
-        skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
-    )
+    kwargs: dict[str, Any] = {
+        "n": body.n,
+        "max_tokens": max_tokens,
+        "min_tokens": body.min_tokens,
+        "seed": body.seed,
+        "stop": body.stop or [],
+        "stop_token_ids": body.stop_token_ids or [],
+        "ignore_eos": body.ignore_eos,
+        "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
+        "logit_bias": bias,
+        "skip_special_tokens": body.skip_special_tokens,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+    }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
         value = getattr(body, name)
@@ -185,11 +185,13 @@ def new_request_id(prefix: str) -> str:
 
 
 async def generate(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                   priority: int, reservation: Reservation) -> AsyncIterator[Any]:
+                   priority: int, reservation: Reservation, constraint_kind: str | None = None) -> AsyncIterator[Any]:
     """One engine request as an async iterator of RequestOutput deltas.
 
-    Records metrics as tokens arrive. If the consumer stops early (disconnect, cancel, error) the engine
-    generator is closed at once, which aborts the request in the core and frees its blocks.
+    Records metrics as tokens arrive; a constrained request is counted by kind (`constraint_kind` names a
+    source the params cannot tell, e.g. "tools"; else the kind of params.structured_outputs). If the
+    consumer stops early (disconnect, cancel, error) the engine generator is closed at once, which aborts
+    the request in the core and frees its blocks.
     """
     engine = state.engine
     assert engine is not None
@@ -200,6 +202,8 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
     num_out, num_cached, http_status = 0, 0, None  # for the per-request log line
     if state.server_config.log_requests:
         log_received(request_id, prompt_ids, params, engine.tokenizer)
+    if params.structured_outputs is not None:
+        state.metrics.observe_constrained(constraint_kind or params.structured_outputs.kind)
     stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority)
     try:
         try:
