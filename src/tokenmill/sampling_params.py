@@ -15,7 +15,8 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputsParams:
     """One decoding constraint per request (vLLM's shape): a JSON schema (dict or JSON text), a regex, a list
     of choices, an EBNF grammar (GBNF as llama.cpp writes it), or any JSON object. Exactly one kind is set.
-    `disable_any_whitespace`: JSON without optional whitespace (else whitespace runs are bounded).
+    `disable_any_whitespace`: JSON without optional whitespace runs (xgrammar, like vLLM, still writes one space
+    after ":" and ","); otherwise whitespace runs are bounded.
     Plain values only, so it crosses the engine-core boundary through msgpack."""
 
     json: dict[str, Any] | str | None = None
