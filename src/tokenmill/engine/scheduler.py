@@ -16,6 +16,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.grammar_wait import GrammarWaitQueue
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.outputs import (
     KVCacheGroupSpec,
@@ -58,7 +59,7 @@ class Scheduler:
         self.num_generation_tokens = 0
         # Constrained decoding: requests parked (SeqStatus.WAITING_FOR_GRAMMAR) until their grammar compiles.
         self.structured = structured
-        self.grammar_waiting: dict[str, list[Sequence]] = {}
+        self.grammar_waiting = GrammarWaitQueue(structured) if structured is not None else None
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -89,13 +90,11 @@ class Scheduler:
             self.prompt_logprobs.expect(seqs[0].seq_id)  # per request, as vLLM: sample 0 computes them
         for s in seqs:
             self.seqs[s.seq_id] = s
-            if constraint is None:
+        if constraint is None:
+            for s in seqs:
                 self._enqueue(s, front=False)
-            else:
-                s.status = SeqStatus.WAITING_FOR_GRAMMAR
-        if constraint is not None:
-            self.grammar_waiting[req.request_id] = seqs
-            self.structured.submit(req.request_id, constraint)
+        else:
+            self.grammar_waiting.park(req.request_id, seqs, constraint)
         self.num_prompt_tokens += n
 
     def abort(self, ids: Iterable[str]) -> None:
@@ -117,7 +116,7 @@ class Scheduler:
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         if self.grammar_waiting:
-            self._take_compiled_grammars()
+            self.grammar_waiting.release(lambda seq: self._enqueue(seq, front=False), self._fail)
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}  # seq_id -> num new tokens, in scheduling order
         preempted = False
@@ -174,26 +173,10 @@ class Scheduler:
             mask = self.structured.bitmask([s.seq_id for s in out if s.sample])
         return SchedulerOutput(seqs=out, finished_seq_ids=finished, grammar_bitmask=mask)
 
-    def _take_compiled_grammars(self) -> None:
-        """Queue the requests whose grammar is ready (behind those already waiting), fail those whose compile
-        failed or timed out."""
-        ready, failed = self.structured.poll()
-        for rid, compiled in ready.items():
-            for seq in self.grammar_waiting.pop(rid, []):
-                err = self.structured.add_seq(seq.seq_id, compiled, seq.eos_token_ids + seq.params.stop_token_ids,
-                                              seq.output_token_ids)
-                if err is None:
-                    self._enqueue(seq, front=False)
-                else:
-                    self._fail(seq, err)
-        for rid, msg in failed.items():
-            for seq in list(self.grammar_waiting.get(rid, [])):
-                self._fail(seq, msg)
-
     def wait_for_grammars(self, timeout_s: float) -> None:
         """Nothing to run but grammars compiling: block until one is ready rather than spin."""
-        if self.grammar_waiting and self.structured is not None:
-            self.structured.wait(timeout_s)
+        if self.grammar_waiting:
+            self.grammar_waiting.wait(timeout_s)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, int]) -> int:
         cfg = self.config
@@ -348,7 +331,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.WAITING_FOR_GRAMMAR:
-            self._drop_grammar_wait(seq)
+            self.grammar_waiting.drop(seq)
         if self.structured is not None:
             self.structured.remove_seq(seq.seq_id)
         self.kv.free(seq)
@@ -360,15 +343,6 @@ class Scheduler:
         req = self.requests.get(seq.request_id)
         if req is not None and req.is_finished:
             del self.requests[seq.request_id]
-
-    def _drop_grammar_wait(self, seq: Sequence) -> None:
-        """A parked sequence ends (abort, failed compile): when it was its request's last, drop the compile."""
-        parked = self.grammar_waiting.get(seq.request_id, [])
-        if seq in parked:
-            parked.remove(seq)
-        if not parked:
-            self.grammar_waiting.pop(seq.request_id, None)
-            self.structured.cancel(seq.request_id)
 
     def _fail(self, seq: Sequence, msg: str) -> None:
         self._finish(seq, "error", error=msg)
@@ -400,16 +374,5 @@ class Scheduler:
             num_blocks_free=self.kv.num_blocks_free,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
-            **self._grammar_stats(),
+            **(self.grammar_waiting.stats() if self.grammar_waiting is not None else {}),
         )
-
-    def _grammar_stats(self) -> dict:
-        if self.structured is None:
-            return {}
-        st = self.structured.stats
-        return {"num_constrained_requests": st.num_constrained_requests,
-                "num_waiting_for_grammar": sum(len(v) for v in self.grammar_waiting.values()),
-                "num_grammar_compiles": st.num_compiles,
-                "num_grammar_compile_failures": st.num_compile_failures,
-                "grammar_compile_seconds_sum": st.compile_seconds_sum,
-                "grammar_compile_seconds_buckets": list(st.compile_seconds_buckets)}
