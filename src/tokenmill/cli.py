@@ -10,6 +10,7 @@ import typer
 
 
 def build_app() -> typer.Typer:
+    from tokenmill.batch.run_batch import run_batch_command
     from tokenmill.bench.cli import bench_app
     from tokenmill.bench.cost import cost_command
     from tokenmill.engine.cli import generate_command
@@ -26,6 +27,8 @@ def build_app() -> typer.Typer:
     app.add_typer(bench_app, name="bench", help="Benchmark OpenAI-compatible endpoints.")
     app.command("cost", help="Self-hosting vs API cost from a bench result.")(cost_command)
     app.command("generate", help="Generate offline from a prompt (no server).")(generate_command)
+    app.command("run-batch", help="Run an OpenAI batch file through the engine (no server); resumable.")(
+        run_batch_command)
     return app
 
 

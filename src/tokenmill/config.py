@@ -67,6 +67,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Explicit block count (tests): overrides kv_cache_memory when set.
     num_gpu_blocks_override: int | None = None
+    # Mixed into every prefix-cache block hash: hashes differ across deployments and cannot be predicted
+    # without it. None: unsalted (requests' own cache_salt still isolates them). repr=False: a secret.
+    prefix_cache_salt: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +99,29 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """Durable batch jobs (/v1/files, /v1/batches). Limits are OpenAI's Batch API limits."""
+
+    batch_dir: str | None = None  # None: <cache root>/batches (model/cache_dir.py)
+    # Batch lines in the engine at once, over all jobs; None: half of max_num_seqs, so interactive
+    # requests always find free slots.
+    max_inflight: int | None = None
+    # Batch lines in the engine while interactive requests are in flight: each running batch line adds
+    # its decode to every engine step, so it stretches interactive TTFT and ITL even behind the scheduler's
+    # priority order. New lines wait until the lines in flight drop below this or interactive traffic stops.
+    max_inflight_shared: int = 4
+    # Engine priority of batch lines: larger is served later (vLLM's convention); interactive requests are 0.
+    priority: int = 1
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_lines: int = 50_000
+    max_listed_errors: int = 100  # validation errors reported per failed batch; counting continues past it
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # repr=False: a logged config never shows the key
     max_queued_requests: int | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout_s: float = 30.0
@@ -113,3 +135,27 @@ class ServerConfig:
     # engine core sees it: compile time and matcher memory grow with size and nesting.
     max_structured_output_bytes: int = 64 * 1024
     max_json_schema_depth: int = 32
+    # Hostile-input bounds (docs/reliability.md), each a 400 naming the field and the bound.
+    max_json_depth: int = 128  # body nesting; Python's JSON decoder itself overflows its stack near 1000
+    max_stop_strings: int = 128  # OpenAI allows 4; vLLM sets no bound. Each is matched on every new token.
+    max_stop_chars: int = 8192  # all stop strings together
+    max_stop_token_ids: int = 1024
+    max_logit_bias: int = 2048  # entries of logit_bias
+    max_seqs_per_request: int = 1024  # n times the number of prompts
+    # Characters of prompt text (all prompts / messages of a request) checked BEFORE tokenization, so a
+    # multi-megabyte string costs nothing. None: max_model_len * prompt_chars_per_token, which no real
+    # tokenizer reaches (their longest tokens are runs of ~16-32 spaces or symbols).
+    max_prompt_chars: int | None = None
+    prompt_chars_per_token: int = 32
+    # A chat_template sent in a request is sandboxed jinja, but its loops are unbounded CPU: off unless trusted.
+    trust_request_chat_template: bool = False
+    # With api_key set, /metrics stays open for Prometheus scrapers unless this is False.
+    metrics_open: bool = True
+    # Engine core deaths: restart the core after core_restart_backoff_s, doubling per restart still inside
+    # the window (capped at core_restart_max_backoff_s); more than max_core_restarts restarts within
+    # core_restart_window_s (sliding) and the server exits 1, for the orchestrator to restart it.
+    max_core_restarts: int = 3
+    core_restart_window_s: float = 600.0
+    core_restart_backoff_s: float = 1.0
+    core_restart_max_backoff_s: float = 30.0
+    batch: BatchConfig = field(default_factory=BatchConfig)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 _MAX_N = 128
 _MAX_LOGPROBS = 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what crosses to the engine core (msgpack int64)
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
@@ -77,6 +80,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # Prefix-cache isolation (vLLM's cache_salt): only requests with the same salt share cached KV blocks.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):  # from the wire (msgpack) or a plain dict
@@ -100,6 +105,9 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the field, what was wrong and what is allowed."""
         _check(isinstance(self.n, int) and 1 <= self.n <= _MAX_N, "n", self.n, f"an integer in [1, {_MAX_N}]")
+        for name in _FLOATS:  # NaN passes no range test below by accident; Infinity would pass some
+            v = getattr(self, name)
+            _check(isinstance(v, int | float) and math.isfinite(v), name, v, "a finite number")
         _check(self.temperature >= 0.0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "0 or -1 (disabled) or a positive integer")
@@ -123,7 +131,11 @@ class SamplingParams:
                 _check(k >= 0, "logit_bias", k, "non-negative token ids as keys")
                 _check(-100.0 <= v <= 100.0, "logit_bias", v, "values in [-100, 100]")
         if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
+            _check(isinstance(self.seed, int) and _INT64_MIN <= self.seed <= _INT64_MAX, "seed", self.seed,
+                   "an integer in [-2^63, 2^63-1]")
+        if self.cache_salt is not None:
+            _check(isinstance(self.cache_salt, str) and self.cache_salt != "", "cache_salt", self.cache_salt,
+                   "a non-empty string (or unset)")
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -66,7 +66,9 @@ def test_duplicate_hash_keeps_first_block_and_reset_prefix_cache():
 
 def test_hash_chain_depends_on_parent():
     assert hash_block(None, [1, 2]) != hash_block(hash_block(None, [0, 0]), [1, 2])
-    assert hash_block(3, (1, 2)) == hash_block(3, [1, 2])
+    parent = hash_block(None, [3, 4])
+    assert hash_block(parent, (1, 2)) == hash_block(parent, [1, 2])
+    assert len(parent) == 32  # a SHA-256 digest, not a 64-bit int
 
 
 def test_caching_disabled_never_hits_and_double_free_asserts():

@@ -153,12 +153,19 @@ def test_priority_arrival_preempts_lower_priority_running_for_blocks():
     assert s.kv.all_free()
 
 
-def test_fcfs_ignores_priority():
+def test_fcfs_is_arrival_order_within_a_priority():
+    # fcfs orders waiting work by (priority, arrival): plain FIFO while priorities are equal (all 0 for
+    # interactive requests), and lower-priority work (Batch API lines, priority 1) queues behind (issue 17)
     s = make_scheduler(max_num_seqs=1)
-    s.add_request(req("first", [1, 2], priority=9, arrival=1.0))
+    s.add_request(req("first", [1, 2], priority=0, arrival=1.0))
     s.add_request(req("second", [1, 2], priority=0, arrival=2.0))
     out, _ = run_step(s)
     assert [x.seq_id for x in out.seqs] == ["first#0"]
+    s = make_scheduler(max_num_seqs=1)
+    s.add_request(req("batch", [1, 2], priority=9, arrival=1.0))
+    s.add_request(req("interactive", [1, 2], priority=0, arrival=2.0))
+    out, _ = run_step(s)
+    assert [x.seq_id for x in out.seqs] == ["interactive#0"]
 
 
 def test_sequence_that_can_never_fit_fails_and_engine_keeps_serving():

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 def build_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI()
     sem = asyncio.Semaphore(args.max_running)
-    state = {"waiting": 0, "running": 0, "served": 0}
+    state = {"waiting": 0, "running": 0, "served": 0, "received": 0}
 
     def token(i: int) -> str:
         return f" w{i}"
@@ -48,15 +48,27 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             f"# TYPE tokenmill_num_requests_waiting gauge\ntokenmill_num_requests_waiting{lab} {state['waiting']}\n"
             f"# TYPE tokenmill_num_requests_running gauge\ntokenmill_num_requests_running{lab} {state['running']}\n"
             f"# TYPE tokenmill_kv_cache_usage_perc gauge\ntokenmill_kv_cache_usage_perc{lab} {kv}\n"
-            f"# TYPE test_replica_served counter\ntest_replica_served_total {state['served']}\n")
+            f"# TYPE test_replica_served counter\ntest_replica_served_total {state['served']}\n"
+            f"# TYPE test_replica_received counter\ntest_replica_received_total {state['received']}\n")
 
     async def generate(raw: bytes, chat: bool, request: Request):
-        body = json.loads(raw)
+        state["received"] += 1
+        body, problem = parse(raw, chat)
+        if problem is not None:  # like a real server: a bad body is the client's error (4xx), never a 500
+            return JSONResponse({"error": {"message": problem, "type": "invalid_request_error", "param": None,
+                                           "code": None}}, status_code=400)
         if any(k in body for k in ("tools", "response_format", "structured_outputs")):
             return echo(raw, body, chat)
+        if args.fail_prompt and args.fail_prompt in json.dumps(body.get("prompt", body.get("messages"))):
+            # as tokenmill serve answers a request the engine failed alone: a 5xx scoped to the request
+            return JSONResponse({"error": {"message": "the engine failed this request", "type": "internal_error",
+                                           "param": None, "code": "request_failed"}}, status_code=500,
+                                headers={"x-tokenmill-error-scope": "request"})
         if args.fail_status:
+            headers = {"retry-after": "1"} if args.fail_status == 503 else None  # 503: not started, retry later
             return JSONResponse({"error": {"message": "test replica failing on purpose", "type": "server_error",
-                                           "param": None, "code": None}}, status_code=args.fail_status)
+                                           "param": None, "code": None}}, status_code=args.fail_status,
+                                headers=headers)
         if body.get("model") not in (None, args.model):
             return JSONResponse({"error": {"message": f"model {body.get('model')} not found",
                                            "type": "invalid_request_error", "param": "model",
@@ -98,6 +110,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                                "content": token(i)}, "finish_reason": "length" if last else None}
                               if chat else {"index": 0, "text": token(i), "finish_reason": "length" if last else None})
                     yield f"data: {json.dumps({'id': rid, 'object': kind, 'model': args.model, 'choices': [choice]})}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": 1, "completion_tokens": n_tok, "total_tokens": n_tok + 1}
+                    yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 done()
@@ -114,13 +129,38 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        body = await request.json()
+        body, _ = parse(await request.body(), False)
+        if not isinstance(body.get("input"), str | list):
+            return JSONResponse({"error": {"message": "input: expected a string or a list", "type":
+                                           "invalid_request_error", "param": "input", "code": None}}, status_code=400)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data = [{"object": "embedding", "index": i, "embedding": embed(str(t))} for i, t in enumerate(inputs)]
         return JSONResponse({"object": "list", "data": data, "model": args.model,
                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
 
     return app
+
+
+def parse(raw: bytes, chat: bool) -> tuple[dict, str | None]:
+    """The body, or what is wrong with it (the fields this replica reads)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}, "body is not valid JSON"
+    if not isinstance(body, dict):
+        return {}, "body must be a JSON object"
+    n = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
+        return body, "max_tokens: expected an integer in 1..4096"
+    if not isinstance(body.get("stream_options") or {}, dict):
+        return body, "stream_options: expected an object"
+    if chat and not isinstance(body.get("messages"), list):
+        return body, "messages: expected a list"
+    if "tools" in body and not (isinstance(body["tools"], list) and all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
+            for t in body["tools"])):
+        return body, "tools: expected a list of {function: {name}}"
+    return body, None
 
 
 def echo(raw: bytes, body: dict, chat: bool):
@@ -181,6 +221,7 @@ def main() -> None:
     ap.add_argument("--ttft-delay", type=float, default=0.0, help="seconds before the first token")
     ap.add_argument("--max-running", type=int, default=64, help="requests generated at once; others wait")
     ap.add_argument("--fail-status", type=int, default=0, help="answer every generation with this status")
+    ap.add_argument("--fail-prompt", default="", help="a prompt containing this text gets a request-scoped 500")
     args = ap.parse_args()
     uvicorn.run(build_app(args), host=args.host, port=args.port, log_level="warning")
 

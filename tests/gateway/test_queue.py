@@ -75,7 +75,7 @@ def test_pool_admits_in_priority_order_when_slots_free():
         served: list[str] = []
 
         async def client(name: str, prio: int) -> None:
-            r, waited = await p.acquire(RouteContext(), priority=prio, key=name)
+            r, _waited = await p.acquire(RouteContext(), priority=prio, key=name)
             served.append(name)
             await asyncio.sleep(0)
             p.release(r)
@@ -93,19 +93,28 @@ def test_pool_admits_in_priority_order_when_slots_free():
     assert asyncio.run(main()) == ["high", "mid", "low1", "low2"]
 
 
+async def _until(pred, max_iterations: int = 1000) -> None:
+    """Yield to the event loop until pred() holds (bounded: the tasks awaited need only a few turns)."""
+    for _ in range(max_iterations):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
 def test_pool_queue_full_and_timeout_and_cancel_lose_no_slot():
     async def main() -> None:
         p = pool(1, 1, max_size=1, max_wait_s=0.2)
         held, _ = await p.acquire(RouteContext())
         waiter = asyncio.create_task(p.acquire(RouteContext()))
-        await asyncio.sleep(0.01)
+        await _until(lambda: len(p.queue) == 1)  # the waiter holds the one queue place
         with pytest.raises(QueueFull):
             await p.acquire(RouteContext())
         with pytest.raises(QueueTimeout):
             await waiter
         assert len(p.queue) == 0
         cancelled = asyncio.create_task(p.acquire(RouteContext()))
-        await asyncio.sleep(0.01)
+        await _until(lambda: len(p.queue) == 1)  # cancelled while queued, not before it got there
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled

@@ -20,8 +20,18 @@ import pytest
 from tests.gateway.client import post
 from tests.gateway.conftest import ProcessSet, start_gateway, wait_healthy, wait_until
 from tokenmill.gateway.actuators import free_port
-from tokenmill.gateway.config import (AutoscaleConfig, EmbeddingScorerConfig, GatewayConfig, HealthConfig,
-                                      PoolConfig, QueueConfig, ReplicaConfig, ReplicaSpec, RouteConfig, RouteExample)
+from tokenmill.gateway.config import (
+    AutoscaleConfig,
+    EmbeddingScorerConfig,
+    GatewayConfig,
+    HealthConfig,
+    PoolConfig,
+    QueueConfig,
+    ReplicaConfig,
+    ReplicaSpec,
+    RouteConfig,
+    RouteExample,
+)
 from tokenmill.gateway.replicas import ReplicaState
 
 pytestmark = pytest.mark.slow
@@ -136,7 +146,9 @@ def test_kill_a_real_replica_under_load_then_it_is_readmitted(replicas, gateways
                                               on_first=lambda r: streaming.add(r.replica)))
 
             tasks = [asyncio.create_task(worker()) for _ in range(4)]
-            while victim.url not in streaming:
+            deadline = time.monotonic() + 60
+            while victim.url not in streaming:  # bounded: the victim must get a stream within a minute
+                assert time.monotonic() < deadline, "no stream reached the victim replica"
                 await asyncio.sleep(0.01)
             victim.kill()
             await asyncio.wait_for(asyncio.gather(*tasks), 120)  # never a hang
@@ -179,7 +191,8 @@ def test_queue_full_429_priorities_first_nothing_lost(replicas, gateways):
             queued = {}
             for prio in (5, 0, -3, 1):  # lower value first; the header carries it
                 queued[prio] = asyncio.create_task(post(cl, "/v1/completions", comp(3), {"x-priority": str(prio)}))
-                await asyncio.to_thread(wait_until, lambda n=len(queued): len(p.queue) == n, 10, "queued")
+                n = len(queued)
+                await asyncio.to_thread(wait_until, lambda n=n: len(p.queue) == n, 10, "queued")
             rejected = await post(cl, "/v1/completions", comp(3))
             assert rejected.status == 429 and rejected.headers["retry-after"] == "3"
             assert rejected.body["error"]["code"] == "queue_full"

@@ -65,6 +65,16 @@ class Server:
         request.transport.close()  # dies mid-body: the chunked body never ends
         return resp
 
+    async def drop(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        request.transport.close()  # got the request, then the connection drops before any answer
+        raise asyncio.CancelledError
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        await asyncio.sleep(float(request.query.get("s", "1")))  # like a long generation: silent, then whole
+        return web.json_response({"ok": True})
+
     async def gzipped(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.Response(body=gzip.compress(b"hello"), headers={"content-encoding": "gzip"})
@@ -73,7 +83,8 @@ class Server:
         app = web.Application()
         app.add_routes([web.post("/stream", self.stream), web.post("/fixed", self.fixed),
                         web.post("/silent", self.silent), web.post("/broken", self.broken),
-                        web.post("/gzip", self.gzipped)])
+                        web.post("/gzip", self.gzipped), web.post("/drop", self.drop),
+                        web.post("/slow", self.slow)])
         self.runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout, handler_cancellation=True)
         await self.runner.setup()
         port = free_port()
@@ -202,3 +213,32 @@ def test_bodies_are_relayed_as_sent_and_closed_idle_connections_are_replaced():
         await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_once_request_that_reached_the_replica_is_never_resent():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        with pytest.raises(UpstreamError) as e:
+            await up.post(f"{server.url}/drop", b"{}", {}, once=True)
+        assert not e.value.connect  # it was sent: not a "nothing listening" failure
+        assert len(server.requests) == 1  # the replica got it once; no resend
+        with pytest.raises(UpstreamError):
+            await up.post(f"{server.url}/drop", b"{}", {})
+        assert len(server.requests) == 3  # a stream is resent once: the replica aborted the first on the drop
+
+    run(test)
+
+
+def test_once_requests_use_fresh_connections_and_no_idle_watchdog():
+    async def test(server: Server, up: UpstreamClient) -> None:
+        for _ in range(2):  # silent for 0.6 s, twice the idle watchdog: only a total bound may cut it
+            r = await up.post(f"{server.url}/slow?s=0.6", b"{}", {}, once=True)
+            assert r.status == 200 and await r.aread() == b'{"ok": true}'
+            await r.aclose()
+        assert len(server.peers) == 2  # a fresh connection each: a drop is never a stale keep-alive
+        with pytest.raises(TimeoutError):
+            await up.post(f"{server.url}/slow?s=5", b"{}", {}, once=True, total_s=0.3)
+        with pytest.raises(TimeoutError):  # a stream keeps its idle watchdog
+            r = await up.post(f"{server.url}/slow?s=5", b"{}", {})
+            await r.aread()
+
+    run(test, read_timeout_s=0.3)

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.loader import choose_dtype, load_model, resolve_dtype, resolve_max_model_len
+from tokenmill.model.loader import (
+    choose_dtype,
+    load_model,
+    resolve_dtype,
+    resolve_max_model_len,
+)
 from tokenmill.model.registry import supported_architectures
 
 
@@ -31,13 +36,47 @@ def test_loaded_model_fields(tiny_llama_dir):
         _load(tiny_llama_dir, max_model_len=100_000)
 
 
-def test_sharded_checkpoint_loads_same_weights(tiny_llama_dir, tiny_llama_sharded_dir):
+def _layer_outputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every linear's output on a fixed probe, every embedding's rows, and the parameters that still hold data.
+    The loader prepares CPU linears (prepare_linears_for_cpu): their weights move into a packed form and
+    `weight` is left empty, so comparing state_dict()s alone would not see a mis-sharded q/k/v/o/gate/up/down."""
+    out = {}
+    with torch.inference_mode():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                probe = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(m.in_features))
+                out[f"{name}(probe)"] = m(probe)
+            elif isinstance(m, torch.nn.Embedding):
+                out[f"{name}(ids)"] = m(torch.arange(m.num_embeddings))
+    out.update({k: v for k, v in model.state_dict().items() if v.numel() > 0})
+    return out
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x, y = _layer_outputs(a), _layer_outputs(b)
+    assert x.keys() == y.keys()
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_sharded_checkpoint_loads_same_weights(tiny_llama_dir, tiny_llama_sharded_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     assert (tiny_llama_sharded_dir / "model.safetensors.index.json").is_file()
     assert len(list(tiny_llama_sharded_dir.glob("*.safetensors"))) > 1
-    a = dict(_load(tiny_llama_dir).model.state_dict())
-    b = dict(_load(tiny_llama_sharded_dir).model.state_dict())
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole = _load(tiny_llama_dir).model
+    assert sum(isinstance(m, torch.nn.Linear) for m in whole.modules()) >= 4  # q/k/v, o, gate/up, down per layer
+    assert _same_weights(whole, _load(tiny_llama_sharded_dir).model)
+    # The comparison sees a mis-sharded weight: swap gate and up of one layer in a copy of the shards.
+    folder = tmp_path / "swapped"
+    shutil.copytree(tiny_llama_sharded_dir, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    gate, up = "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    shards = {index[gate], index[up]}
+    tensors = {f: load_file(str(folder / f)) for f in shards}
+    tensors[index[gate]][gate], tensors[index[up]][up] = tensors[index[up]][up], tensors[index[gate]][gate]
+    for f, t in tensors.items():
+        save_file(t, str(folder / f))
+    assert not _same_weights(whole, _load(folder).model)
 
 
 def test_missing_shard_is_named(tiny_llama_sharded_dir, tmp_path):
@@ -116,8 +155,8 @@ def test_dtype_resolution(monkeypatch):
 
 def test_auto_dtype_is_reported_and_bf16_on_amx_cpus(monkeypatch, tiny_qwen2_dir):
     """What a user on an AMX machine gets from --dtype auto, down to the KV cache and the served /version."""
-    from tokenmill.executor.model_runner import ModelRunner
     from tokenmill.config import CacheConfig, EngineConfig
+    from tokenmill.executor.model_runner import ModelRunner
 
     monkeypatch.setenv("TOKENMILL_CPU_FLAGS", AMX)
     cfg = EngineConfig(model=ModelConfig(model=str(tiny_qwen2_dir), device="cpu"),
@@ -137,8 +176,8 @@ def test_auto_dtype_is_reported_and_bf16_on_amx_cpus(monkeypatch, tiny_qwen2_dir
 
 def test_kv_cache_dtype_is_checked_before_loading():
     """vLLM's argument name; a bad value fails at once (LLM(...) / `tokenmill serve`), not after a model load."""
-    from typer.testing import CliRunner
     import typer
+    from typer.testing import CliRunner
 
     from tokenmill.engine.args import engine_config
     from tokenmill.server.cli import serve_command

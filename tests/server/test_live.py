@@ -56,15 +56,20 @@ def test_served_greedy_equals_offline_llm(client, tiny_llama_dir):
 
     prompts = ["Hello world", "The quick brown fox", "Once upon a time there was"]
     llm = tokenmill.LLM(str(tiny_llama_dir), max_model_len=256, kv_cache_memory=0.02, dtype="float32")
-    params = tokenmill.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = tokenmill.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     offline = llm.generate(prompts, params)
+    tok = llm.loaded.tokenizer
     for prompt, ref in zip(prompts, offline):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
                                       extra_body={"ignore_eos": True}, logprobs=0)
         assert r.choices[0].text == ref.outputs[0].text
         assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
-        # token-for-token, not just text: the logprob tokens decode the same ids
-        assert len(r.choices[0].logprobs.tokens) == len(ref.outputs[0].token_ids)
+        # token-for-token, not just text: each served token is the offline token (its text, one per id) and
+        # carries the offline token's logprob
+        ids = ref.outputs[0].token_ids
+        assert r.choices[0].logprobs.tokens == [tok.decode([t]) for t in ids]
+        assert r.choices[0].logprobs.token_logprobs == pytest.approx(
+            [lp[t].logprob for t, lp in zip(ids, ref.outputs[0].logprobs)], abs=1e-4)
 
 
 def test_token_id_and_list_prompts(client, tiny_server):

@@ -40,6 +40,11 @@ def test_describe_params_names_only_what_differs_from_defaults() -> None:
     assert "max_tokens=5" in text and "temperature=0.0" in text and "stop=['x']" in text and "top_p" not in text
 
 
+def test_describe_params_hides_the_cache_salt() -> None:
+    text = describe_params(SamplingParams(cache_salt="tenant-secret-42"))
+    assert "cache_salt=<redacted>" in text and "tenant-secret-42" not in text
+
+
 def test_one_line_per_request_without_prompt_text(tiny_server: LiveServer) -> None:
     r = httpx.post(tiny_server.url + "/v1/completions", timeout=60,
                    json={"model": "tiny", "prompt": _SECRET, "max_tokens": 4, "temperature": 0, "ignore_eos": True})

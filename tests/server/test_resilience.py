@@ -78,26 +78,46 @@ def test_chat_template_override(servers):
     assert text == "[user] Hello\n[assistant]"
 
 
+def test_request_chat_template_needs_trust(servers):
+    """Without --trust-request-chat-template a request's own template is refused before it renders."""
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "chat_template": "{{ 'x' }}"}
+    r = httpx.post(servers[0].url + "/v1/chat/completions", headers=auth(), json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"]
+    del body["chat_template"]
+    assert httpx.post(servers[0].url + "/v1/chat/completions", headers=auth(), json=body).status_code == 200
+
+
 def test_429_over_queue_limit(servers):
+    """2 batch slots + 1 queued sequence are admitted, every request past them is turned away: exactly 3."""
     url = servers[0].url
 
-    async def one(client: httpx.AsyncClient) -> httpx.Response:
-        return await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 60, "ignore_eos": True})
+    async def one(client: httpx.AsyncClient, max_tokens: int) -> httpx.Response:
+        return await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": max_tokens, "ignore_eos": True})
 
-    async def main() -> list[httpx.Response]:
+    async def in_flight(client: httpx.AsyncClient) -> int:
+        return (await client.get("/debug/stats")).json()["in_flight_seqs"]
+
+    async def main() -> tuple[list[httpx.Response], list[httpx.Response], int]:
         async with httpx.AsyncClient(base_url=url, headers=auth(), timeout=120) as client:
-            return await asyncio.gather(*(one(client) for _ in range(8)))
+            assert await in_flight(client) == 0
+            admitted = [asyncio.create_task(one(client, 200)) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while await in_flight(client) < 3:  # the three are in: two running, one queued
+                assert time.monotonic() < deadline, "the first three requests were never all admitted"
+                await asyncio.sleep(0.01)
+            refused = await asyncio.gather(*(one(client, 2) for _ in range(5)))
+            # still 3 in flight after the refusals: no slot was freed meanwhile, so 3 is the exact count
+            still = await in_flight(client)
+            return await asyncio.gather(*admitted), refused, still
 
-    results = asyncio.run(main())
-    codes = sorted(r.status_code for r in results)
-    # 2 batch slots + 1 queued sequence are admitted, the rest turned away (a request that finished before
-    # the last ones arrived would free its slot, hence the range)
-    assert codes.count(200) + codes.count(429) == 8, codes
-    assert 3 <= codes.count(200) <= 5 and codes.count(429) >= 3, codes
-    for r in results:
-        if r.status_code == 429:
-            assert r.headers["Retry-After"] == "1"
-            assert r.json()["error"]["type"] == "rate_limit_error"
+    admitted, refused, still = asyncio.run(main())
+    assert still == 3
+    assert [r.status_code for r in admitted] == [200] * 3
+    assert [r.status_code for r in refused] == [429] * 5
+    for r in refused:
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_embeddings(servers, minilm_dir):

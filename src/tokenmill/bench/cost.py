@@ -23,6 +23,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tokenmill.bench.batch_cost import (
+    DEFAULT_BATCH_DISCOUNT,
+    batch_prices,
+    throughput_from_batch,
+)
+
 HOURS_PER_MONTH = 730.0
 # Sources of the example defaults (list prices, checked 2024; they change - pass current ones):
 DEFAULT_HARDWARE_PER_HOUR = 0.089  # AWS EC2 c7i.large (2 vCPU) on-demand, us-east-1: aws.amazon.com/ec2/pricing
@@ -168,13 +174,25 @@ def cost_command(
     input_cost_weight: Annotated[float | None, typer.Option(
         help="Cost of an input token relative to an output token; default: the API's price ratio.")] = None,
     monthly_fixed_cost: Annotated[float, typer.Option(help="Extra $ per month for self-hosting (ops).")] = 0.0,
+    batch_summary: Annotated[Path | None, typer.Option(
+        help="A measured batch job instead of --result: `run-batch --summary-json` output or a batch object "
+             "JSON; the API side then uses batch prices (see --batch-discount).")] = None,
+    batch_output: Annotated[Path | None, typer.Option(
+        help="The batch's output file, for token counts when the batch object carries no usage.")] = None,
+    batch_discount: Annotated[float, typer.Option(
+        help="With --batch-summary: API batch price = list price x (1 - this). Default 0.5: OpenAI's Batch API "
+             "is half the list price.")] = DEFAULT_BATCH_DISCOUNT,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of monthly cost vs volume here.")] = None,
 ) -> None:
-    """Self-hosting vs API cost per 1M tokens from measured throughput, and the monthly break-even volume."""
+    """Self-hosting vs API cost per 1M tokens from measured throughput (a bench result or a batch job), and the
+    monthly break-even volume."""
     console = Console()
     try:
         tin, tout = throughput_from_result(result) if result else (0.0, 0.0)
+        if batch_summary is not None:  # batch work is priced at the API's batch rate
+            tin, tout = throughput_from_batch(batch_summary, batch_output)
+            api_input_per_m, api_output_per_m = batch_prices(api_input_per_m, api_output_per_m, batch_discount)
         inputs = CostInputs(
             input_tokens_per_s=input_tokens_per_s if input_tokens_per_s is not None else tin,
             output_tokens_per_s=output_tokens_per_s if output_tokens_per_s is not None else tout,
@@ -185,6 +203,8 @@ def cost_command(
     except ValueError as exc:  # one line, brackets kept as text
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    if batch_summary is not None:
+        console.print(f"API prices are batch prices: list x {1 - batch_discount:g} (--batch-discount {batch_discount:g})")
     print_report(inputs, report, console)
     if json_out:
         data = {"inputs": asdict(inputs), "report": asdict(report)}

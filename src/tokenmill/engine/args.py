@@ -47,6 +47,7 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
         kv_cache_dtype=kw.pop("kv_cache_dtype", None) or "auto",
         enable_prefix_caching=kw.pop("enable_prefix_caching", True),
         num_gpu_blocks_override=kw.pop("num_gpu_blocks_override", None),
+        prefix_cache_salt=kw.pop("prefix_cache_salt", None) or None,
     )
     chunked = kw.pop("enable_chunked_prefill", None)
     s = SchedulerConfig(

@@ -77,6 +77,18 @@ class AsyncLLM:
     def errored(self) -> bool:
         return self._dead is not None or bool(self.client.errored)
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine stopped (None while it runs)."""
+        if not self.errored:
+            return None
+        return getattr(self.client, "dead_reason", None) or (str(self._dead) if self._dead else None)
+
+    async def wait_dead(self) -> str:
+        """Block until the engine core is gone (died, failed or shut down) and return why. Every request
+        in flight has then failed with EngineDeadError; a new engine is needed to serve again."""
+        return await self.client.wait_dead()
+
     def stats(self) -> SchedulerStats:
         return self.client.stats()
 
@@ -171,6 +183,9 @@ class AsyncLLM:
         finally:
             self._queues.pop(rid, None)
             self._num_samples.pop(rid, None)
+            release = getattr(self.client, "release", None)  # per-request bookkeeping in the client, if any
+            if release is not None:
+                release(rid)
             if not finished and not self.errored:
                 # cancelled, consumer stopped early, or failed: free the request's blocks in the core
                 await asyncio.shield(self.client.abort([rid]))

@@ -10,15 +10,46 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 from tokenmill.engine.outputs import NULL_BLOCK_ID
 
+BlockHash = bytes  # SHA-256 digest, 32 bytes
+_ROOT_PARENT = bytes(32)  # the parent of a sequence's first block
+_NO_EXTRA = bytes(4)  # the length prefix of empty extra keys
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chain hash of a full block: identical prefixes give identical hashes, position included via parent."""
-    return hash((parent_hash, tuple(token_ids)))
+
+@functools.lru_cache(maxsize=16)
+def _packer(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}q")  # one per block length: packing is most of a block's hashing cost
+
+
+def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int], extra_keys: bytes = b"") -> BlockHash:
+    """Chain hash of a full block: identical prefixes give identical hashes, position included via parent.
+
+    SHA-256 of (parent digest, extra keys, token ids as packed int64), not Python's 64-bit `hash`: another
+    tenant cannot craft a prompt whose block collides with theirs. `extra_keys` (see cache_extra_keys) goes
+    into a sequence's first block only; the chain carries it to every later block. Every field has a fixed
+    width or a length prefix, so no two inputs share an encoding."""
+    head = (parent_hash or _ROOT_PARENT) + (len(extra_keys).to_bytes(4, "little") + extra_keys if extra_keys
+                                             else _NO_EXTRA)
+    return hashlib.sha256(head + _packer(len(token_ids)).pack(*token_ids)).digest()
+
+
+def cache_extra_keys(deployment_salt: str | None = None, cache_salt: str | None = None,
+                     adapter_id: str | None = None) -> bytes:
+    """What besides the tokens decides whether K/V can be shared: the deployment's salt (hashes differ
+    across deployments and cannot be predicted without it), the request's cache_salt (only requests with
+    the same salt share blocks) and, later, the LoRA adapter. b"" when none is set, so an unsalted chain is
+    hash_block(None, ...) all along."""
+    if deployment_salt is None and cache_salt is None and adapter_id is None:
+        return b""
+    return json.dumps([deployment_salt, cache_salt, adapter_id]).encode()
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -32,10 +63,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self._free: deque[int] = deque(range(1, num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
-        self._cached: dict[int, int] = {}  # hash -> block id
+        self._cached: dict[BlockHash, int] = {}  # hash -> block id
         self.ref_cnt[NULL_BLOCK_ID] = 1  # pinned forever
 
     @property
@@ -94,7 +125,7 @@ class BlockPool:
         """How many of these cached blocks a touch() would take out of the free count."""
         return sum(1 for b in block_ids if b != NULL_BLOCK_ID and self.ref_cnt[b] == 0)
 
-    def cache_block(self, block_id: int, block_hash: int) -> None:
+    def cache_block(self, block_id: int, block_hash: BlockHash) -> None:
         """Register a full, computed block under its hash. A duplicate (same content computed twice by
         two sequences at once) stays unhashed: the first one serves hits."""
         if not self.enable_caching or self.block_hash[block_id] is not None:
@@ -104,7 +135,7 @@ class BlockPool:
         self.block_hash[block_id] = block_hash
         self._cached[block_hash] = block_id
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: BlockHash) -> int | None:
         if not self.enable_caching:
             return None
         return self._cached.get(block_hash)

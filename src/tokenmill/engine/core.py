@@ -93,6 +93,8 @@ class EngineCore:
             out = self.runner.execute(sched)
         except Exception as e:  # a failing batch fails its sequences, not the engine
             log.exception("runner failed on a batch of %d sequences", len(sched.seqs))
+            # it may have raised before dropping the finished sequences' state: hand them over again
+            self._stale_finished = sched.finished_seq_ids
             self.scheduler.fail_seqs([s.seq_id for s in sched.seqs], f"model runner error: {e!r}")
             return self.scheduler.update(SchedulerOutput(seqs=[]), ModelOutput(sampled=[]))
         return self.scheduler.update(sched, out)

@@ -2,8 +2,9 @@
 
 The core is spawned (not forked: torch and threads do not survive fork) and talks over two ipc://
 PUSH/PULL sockets. A reader task turns core messages into output batches; the process sentinel is
-watched by the event loop, so a dead core is noticed at once: `errored` turns True and every waiter
-gets EngineDeadError instead of hanging.
+watched by the event loop, so a dead core is noticed at once: `errored` turns True, every waiter
+gets EngineDeadError instead of hanging, and `wait_dead()` returns the reason (the server's supervisor
+then shuts this client down and starts a new one: a client serves one core process for its whole life).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -21,7 +23,13 @@ import zmq
 import zmq.asyncio
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.core_proc import delta_from_row, pack, run_core, stats_from_wire, unpack
+from tokenmill.engine.core_proc import (
+    delta_from_row,
+    pack,
+    run_core,
+    stats_from_wire,
+    unpack,
+)
 from tokenmill.engine.errors import EngineDeadError
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
@@ -30,9 +38,20 @@ from tokenmill.engine.stats import SchedulerStats
 log = logging.getLogger("tokenmill.engine.client")
 
 
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by signal SIGKILL' / 'exit code 3': why a process ended, for logs and error messages."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 class MPCoreClient:
     """Invariants: after `start()` returns, `model_info` and `tokenizer` are set; once `errored` is True
-    it stays True and `get_output()` raises EngineDeadError."""
+    it stays True and `get_output()` raises EngineDeadError. `_first_scheduled` only holds entries of
+    requests in `_live` (added and not yet released), so it cannot outgrow the requests in flight."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -42,6 +61,8 @@ class MPCoreClient:
         self.dead_reason: str | None = None
         self._stats = SchedulerStats()
         self._first_scheduled: dict[str, float] = {}  # request_id -> wall time, until the server takes it
+        self._live: set[str] = set()  # requests added and not yet released (see release())
+        self._dead = asyncio.Event()
         self._outputs: asyncio.Queue[list[SeqOutputDelta] | None] = asyncio.Queue()
         self._embed_calls: dict[int, asyncio.Future[list[list[float]]]] = {}
         self._next_call = 0
@@ -90,7 +111,7 @@ class MPCoreClient:
         self._proc.join(timeout=1)  # reap it, so the exit code is known and no zombie is left
         code = self._proc.exitcode
         if not self._closed:
-            self._mark_dead(self.dead_reason or f"engine core process exited unexpectedly (exit code {code})")
+            self._mark_dead(self.dead_reason or f"engine core process {self._proc.pid} died ({describe_exit(code)})")
 
     def _mark_dead(self, reason: str) -> None:
         if self.errored:
@@ -105,7 +126,15 @@ class MPCoreClient:
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
         self._embed_calls.clear()
+        self._first_scheduled.clear()
+        self._live.clear()
         self._outputs.put_nowait(None)  # wakes the consumer, which raises
+        self._dead.set()
+
+    async def wait_dead(self) -> str:
+        """Block until the core is gone (died, failed, or shut down); returns why."""
+        await self._dead.wait()
+        return self.dead_reason or "engine core is not running"
 
     async def shutdown(self) -> None:
         """Ask the core to exit, then make sure it has (terminate, then kill); no child is left behind."""
@@ -149,12 +178,39 @@ class MPCoreClient:
 
     async def add_request(self, req: EngineCoreRequest) -> None:
         self._check()
-        await self._to_core.send(pack(["add", req.to_wire()]))
+        self._live.add(req.request_id)
+        await self._send(["add", req.to_wire()])
 
     async def abort(self, request_ids: list[str]) -> None:
         if self.errored or not request_ids:
             return
-        await self._to_core.send(pack(["abort", list(request_ids)]))
+        try:
+            await self._send(["abort", list(request_ids)])
+        except EngineDeadError:
+            pass  # nothing left to abort
+
+    async def _send(self, msg: list[Any]) -> None:
+        """Send to the core, or raise EngineDeadError once it is gone: a PUSH socket whose peer died
+        blocks a send forever, so the send is raced against the death."""
+        self._check()
+        sending = asyncio.ensure_future(self._to_core.send(pack(msg)))
+        if not sending.done():  # usually done at once (queued below the high-water mark)
+            dead = asyncio.ensure_future(self._dead.wait())
+            try:
+                await asyncio.wait({sending, dead}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dead.cancel()
+                if not sending.done():  # the core died first, or the caller was cancelled
+                    sending.cancel()
+            self._check()
+        sending.result()
+
+    def release(self, request_id: str) -> None:
+        """The front end is done with this request (finished, aborted or failed). Its first-scheduled time
+        is dropped, and one the core reports later (it scheduled the request in the step the abort crossed)
+        is ignored instead of kept forever."""
+        self._live.discard(request_id)
+        self._first_scheduled.pop(request_id, None)
 
     async def get_output(self) -> list[SeqOutputDelta]:
         """The next batch of deltas (one engine step); raises EngineDeadError once the core is gone."""
@@ -172,7 +228,7 @@ class MPCoreClient:
         self._next_call += 1
         fut: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
         self._embed_calls[call] = fut
-        await self._to_core.send(pack(["embed", call, batch]))
+        await self._send(["embed", call, batch])
         return await fut
 
     def stats(self) -> SchedulerStats:
@@ -185,27 +241,30 @@ class MPCoreClient:
     # ---- reader ---------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         while True:
-            msg = unpack(await self._from_core.recv())
-            kind = msg[0]
-            if kind == "out":
-                self._stats = stats_from_wire(msg[2])
-                self._first_scheduled.update(msg[3])
-                if msg[1]:
-                    self._outputs.put_nowait([delta_from_row(r) for r in msg[1]])
-            elif kind == "stats":
-                self._stats = stats_from_wire(msg[1])
-            elif kind == "embed":
-                fut = self._embed_calls.pop(msg[1], None)
-                if fut is not None and not fut.done():
-                    if msg[3] is not None:
-                        fut.set_exception(ValueError(msg[3]))
-                    else:
-                        fut.set_result(msg[2])
-            elif kind == "ready":
-                self.model_info = msg[1]
-                self.tokenizer = pickle.loads(msg[2])
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(None)
-            elif kind == "fatal":
-                self.dead_reason = f"engine core failed: {msg[1]}"
-                self._mark_dead(self.dead_reason)
+            self._on_message(unpack(await self._from_core.recv()))
+
+    def _on_message(self, msg: list[Any]) -> None:
+        kind = msg[0]
+        if kind == "out":
+            self._stats = stats_from_wire(msg[2])
+            # before the deltas: a request's first token is never seen before its scheduled time
+            self._first_scheduled.update((rid, t) for rid, t in msg[3].items() if rid in self._live)
+            if msg[1]:
+                self._outputs.put_nowait([delta_from_row(r) for r in msg[1]])
+        elif kind == "stats":
+            self._stats = stats_from_wire(msg[1])
+        elif kind == "embed":
+            fut = self._embed_calls.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                if msg[3] is not None:
+                    fut.set_exception(ValueError(msg[3]))
+                else:
+                    fut.set_result(msg[2])
+        elif kind == "ready":
+            self.model_info = msg[1]
+            self.tokenizer = pickle.loads(msg[2])
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        elif kind == "fatal":
+            self.dead_reason = f"engine core failed: {msg[1]}"
+            self._mark_dead(self.dead_reason)

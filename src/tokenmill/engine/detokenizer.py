@@ -3,7 +3,8 @@
 Uses vLLM's prefix/read offsets: each step decodes a short window of tokens twice — up to the last emitted
 token and up to the newest — and emits the difference. Decoding in context keeps SentencePiece and
 byte-level leading spaces right; a window ending in U+FFFD (a multi-byte UTF-8 character split across
-tokens) emits nothing until the character is complete.
+tokens) or in a SentencePiece byte-fallback token (<0xE2>) emits nothing until the character, or the run of
+byte tokens, is complete, so the streamed text equals the one-shot decode of the whole sequence.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 _CONTEXT = 5  # prompt tokens kept as context for the first generated tokens
+
+
+def _is_byte_token(token: str) -> bool:
+    """A SentencePiece byte-fallback token such as <0xE2>. Their decoder (tokenizers' ByteFallback) decodes a
+    whole run of them at once and, if the run is not valid UTF-8, makes every byte of it U+FFFD, so text
+    already valid (b"\x00") changes when an invalid byte (b"\x80") follows."""
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
 
 
 class IncrementalDetokenizer:
@@ -44,6 +52,8 @@ class IncrementalDetokenizer:
         if not new:
             return ""
         self.tokens.extend(new)
+        if _is_byte_token(self.tokens[-1]):
+            return ""  # a byte run is text only once it ends: a later invalid byte turns it all into U+FFFD
         prefix = self.tokenizer.convert_tokens_to_string(self.tokens[self.prefix_offset:self.read_offset])
         full = self.tokenizer.convert_tokens_to_string(self.tokens[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -69,6 +79,8 @@ class IncrementalDetokenizer:
             full = self.tokenizer.convert_tokens_to_string(self.tokens[self.prefix_offset:])
             self.text += full[len(prefix):]
             self.prefix_offset = self.read_offset = len(self.tokens)
+            if self.stop:  # the held-back tail can hold a stop string too
+                self._match_stop(len(full) - len(prefix))
         done = finished or self.stop_reason is not None
         end = len(self.text) if done else len(self.text) - self._holdback()
         if end <= self.emitted:

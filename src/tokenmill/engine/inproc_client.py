@@ -35,6 +35,7 @@ class CoreClient(Protocol):
     async def embed(self, batch: list[list[int]]) -> list[list[float]]: ...
     def stats(self) -> SchedulerStats: ...
     async def shutdown(self) -> None: ...
+    async def wait_dead(self) -> str: ...
 
 
 def model_info_of(config: EngineConfig, runner: Any, core: EngineCore | None) -> dict[str, Any]:
@@ -74,6 +75,7 @@ class InProcessCoreClient:
         self._outputs: asyncio.Queue[list[SeqOutputDelta] | None] | None = None
         self._stats = self.core.stats() if self.core else SchedulerStats()
         self._stop = threading.Event()
+        self._dead = asyncio.Event()  # set on the event loop once errored (see wait_dead)
         self._thread: threading.Thread | None = None
 
     def _ensure_started(self) -> None:
@@ -112,6 +114,8 @@ class InProcessCoreClient:
             self.dead_reason = f"engine core failed: {type(e).__name__}: {e}"
             self.errored = True
             self._post(None)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._dead.set)
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -188,3 +192,9 @@ class InProcessCoreClient:
             self.errored = True
             self.dead_reason = "engine shut down"
             self._post(None)
+        self._dead.set()
+
+    async def wait_dead(self) -> str:
+        """Block until the core thread has failed or been shut down; returns why."""
+        await self._dead.wait()
+        return self.dead_reason or "engine core is not running"

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from tokenmill.engine.block_pool import BlockPool, hash_block
+from tokenmill.engine.block_pool import (
+    BlockHash,
+    BlockPool,
+    cache_extra_keys,
+    hash_block,
+)
 from tokenmill.engine.outputs import NULL_BLOCK_ID, KVCacheGroupSpec
 from tokenmill.engine.request import Sequence
 
@@ -23,7 +28,7 @@ def _cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, groups: Seq[KVCacheGroupSpec], num_blocks: Seq[int], block_size: int,
-                 enable_caching: bool = True) -> None:
+                 enable_caching: bool = True, deployment_salt: str | None = None) -> None:
         if len(groups) != len(num_blocks) or not groups:
             raise ValueError(f"need one block count per KV cache group: {len(groups)} groups, {len(num_blocks)} counts")
         if block_size < 1:
@@ -31,6 +36,7 @@ class KVCacheManager:
         self.groups = list(groups)
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.deployment_salt = deployment_salt
         self.pools = [BlockPool(n, enable_caching) for n in num_blocks]
         self.tables: dict[str, list[list[int]]] = {}
         self._num_hashed: dict[str, int] = {}  # full blocks already registered in the pools
@@ -38,13 +44,18 @@ class KVCacheManager:
         self.prefix_hits = 0
 
     # ---- prefix cache -------------------------------------------------------------------------
-    def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
-        """Chain hashes of the first num_full full blocks of the sequence's tokens (memoised on seq)."""
+    def _hashes(self, seq: Sequence, num_full: int) -> list[BlockHash]:
+        """Chain hashes of the first num_full full blocks of the sequence's tokens (memoised on seq). The
+        first block carries the salts, so sequences with different salts share no block."""
         hs = seq.block_hashes
         bs = self.block_size
         while len(hs) < num_full:
             i = len(hs)
-            hs.append(hash_block(hs[-1] if hs else None, seq.token_slice(i * bs, (i + 1) * bs)))
+            if hs:
+                hs.append(hash_block(hs[-1], seq.token_slice(i * bs, (i + 1) * bs)))
+            else:
+                extra = cache_extra_keys(self.deployment_salt, seq.params.cache_salt)
+                hs.append(hash_block(None, seq.token_slice(0, bs), extra))
         return hs[:num_full]
 
     def _window_start(self, group: KVCacheGroupSpec, num_tokens: int) -> int:

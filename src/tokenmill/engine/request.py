@@ -69,10 +69,27 @@ class Sequence:
     """
 
     __slots__ = (
-        "seq_id", "request_id", "index", "prompt_token_ids", "output_token_ids", "params", "priority",
-        "arrival_time", "eos_token_ids", "seed", "status", "num_computed_tokens", "num_cached_tokens",
-        "needs_setup", "prompt_done_once", "finish_reason", "stop_reason", "error", "order", "block_hashes",
+        "arrival_time",
+        "block_hashes",
+        "eos_token_ids",
+        "error",
+        "finish_reason",
+        "index",
         "max_model_len",
+        "needs_setup",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "order",
+        "output_token_ids",
+        "params",
+        "priority",
+        "prompt_done_once",
+        "prompt_token_ids",
+        "request_id",
+        "seed",
+        "seq_id",
+        "status",
+        "stop_reason",
     )
 
     def __init__(self, req: EngineCoreRequest, index: int, order: int, max_model_len: int) -> None:
@@ -96,7 +113,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         self.order = order  # admission order: tie-breaker after arrival_time
-        self.block_hashes: list[int] = []  # hashes of full blocks of all_token_ids, filled lazily
+        self.block_hashes: list[bytes] = []  # hashes of full blocks of all_token_ids, filled lazily
         self.max_model_len = max_model_len
 
     @property

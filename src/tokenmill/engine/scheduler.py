@@ -45,7 +45,8 @@ class Scheduler:
         self.use_priority = config.policy == "priority"
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.kv = KVCacheManager(kv_groups, num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(kv_groups, num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                 cache.prefix_cache_salt)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}
         self.waiting: list[Sequence] = []
@@ -303,17 +304,19 @@ class Scheduler:
 
     # ---- transitions --------------------------------------------------------------------------
     def _key(self, seq: Sequence) -> tuple:
-        return seq.sort_key(self.use_priority)
+        # fcfs orders by (priority, arrival) too: the same while all priorities are 0, but lower-priority work
+        # (Batch API lines) waits behind and is preempted before interactive requests
+        return seq.sort_key(True)
 
     def _enqueue(self, seq: Sequence, front: bool) -> None:
         seq.status = SeqStatus.WAITING
         if self.use_priority:
             keys = [self._key(s) for s in self.waiting]
             self.waiting.insert(bisect.bisect(keys, self._key(seq)), seq)
-        elif front:
-            self.waiting.insert(0, seq)
-        else:
-            self.waiting.append(seq)
+        else:  # fcfs: arrival order within a priority; a preempted sequence goes first in its priority
+            prios = [s.priority for s in self.waiting]
+            find = bisect.bisect_left if front else bisect.bisect_right
+            self.waiting.insert(find(prios, seq.priority), seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -150,9 +150,10 @@ class ModelRunner:
     # ---- per-sequence state ---------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
         for seq_id in so.finished_seq_ids:
-            self.states.pop(seq_id, None)
+            self._drop_state(seq_id)
         for seq in so.seqs:
             if seq.setup is not None:
+                self._drop_state(seq.seq_id)  # re-sent after preemption: its penalty row is rebuilt
                 s = seq.setup
                 gen = None
                 if s.seed is not None:
@@ -164,6 +165,11 @@ class ModelRunner:
                 )
             elif seq.seq_id not in self.states:
                 raise KeyError(f"seq {seq.seq_id!r} scheduled without setup and unknown to the runner")
+
+    def _drop_state(self, seq_id: str) -> None:
+        state = self.states.pop(seq_id, None)
+        if state is not None:
+            self.sampler.release(state)
 
     # ---- step -----------------------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> ModelOutput:

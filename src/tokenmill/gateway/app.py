@@ -2,7 +2,9 @@
 
 A request is authenticated and rate-limited, resolved to a pool (by model name, or by an alias scored
 small/large), admitted (a replica slot now, or a wait in the pool's queue), then forwarded; failures
-before the first byte are retried once on another replica.
+before the first byte are retried once on another replica when that cannot run the work twice
+(see proxy.py: a non-streamed request only when refused or answered 503). A 5xx the replica marks
+as the request's own (x-tokenmill-error-scope: request) is relayed without counting against it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ from tokenmill.gateway.actuators import Actuator, make_actuator
 from tokenmill.gateway.autoscaler import PoolScaler
 from tokenmill.gateway.config import GatewayConfig
 from tokenmill.gateway.drain import Drain, DrainGate
+from tokenmill.gateway.files_passthrough import add_files_routes
 from tokenmill.gateway.health import HealthChecker, quiet_poll_logs
 from tokenmill.gateway.limits import AuthError, KeyRing, RateLimiter, estimate_tokens
 from tokenmill.gateway.metrics import NO_REPLICA, GatewayMetrics
 from tokenmill.gateway.model_router import ModelRouter, Scorer, prompt_text
+from tokenmill.gateway.openapi import request_body
 from tokenmill.gateway.pool import Pool
-from tokenmill.gateway.proxy import (Opened, Relay, RelayResponse, RelayResult, UpstreamFailure, count_tokens,
-                                     open_upstream, read_whole, upstream_headers)
+from tokenmill.gateway.proxy import (
+    Opened,
+    Relay,
+    RelayResponse,
+    RelayResult,
+    UpstreamFailure,
+    count_tokens,
+    open_upstream,
+    read_whole,
+    upstream_headers,
+)
 from tokenmill.gateway.queue import QueueFull, QueueTimeout
 from tokenmill.gateway.router import RouteContext
 from tokenmill.gateway.scraper import Scraper
@@ -132,6 +145,9 @@ class Gateway:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return error_response(400, "request body is not valid JSON", "invalid_request_error")
+        except RecursionError:  # found by fuzzing: a body nested ~5000 levels deep was a 500
+            return error_response(400, "request body is nested too deeply (JSON nesting limit: about 900 levels)",
+                                  "invalid_request_error")
         if not isinstance(body, dict):
             return error_response(400, "request body must be a JSON object", "invalid_request_error")
         hdrs = {k.lower(): v for k, v in request.headers.items()}
@@ -198,33 +214,29 @@ class Gateway:
         stream = body.get("stream") is True
         opened: Opened | None = None
         whole: bytes | None = None  # the full body, for anything that is not a 200 stream
+        up = self.config.upstream
         for attempt in (0, 1):
             content = _body_for(replica.model_names or pool.model_names, body, raw)
             try:
                 opened = await open_upstream(self.upstream, f"{replica.url}{path}", content, up_headers,
-                                             self.config.upstream.first_byte_timeout_s)
+                                             up.first_byte_timeout_s, stream, up.request_timeout_s)
                 if not (stream and opened.status == 200):
-                    whole = await read_whole(opened)
+                    whole = await read_whole(opened, retry=stream)
                 break
             except UpstreamFailure as e:
                 log.warning("pool %s: %s", pool.name, e)
                 self.health.passive_failure(pool, replica, hard=e.hard)
                 pool.release(replica)
-                if attempt == 1:
-                    if e.response is not None:
-                        status, rh, data = e.response
-                        self.metrics.requests.labels(pool.name, replica.url, str(status)).inc()
-                        return Response(data, status_code=status, headers={**rh, **extra_headers})
-                    self.metrics.requests.labels(pool.name, replica.url, "503").inc()
-                    return error_response(503, f"no replica of pool {pool.name!r} could serve the request: {e}",
-                                          "server_error", "upstream_unavailable", retry_after=1)
+                if attempt == 1 or not e.retry:
+                    return self._failed(pool, replica.url, e, extra_headers)
                 self.metrics.retries.labels(pool.name).inc()
                 admitted = await self._admit(pool, ctx, priority, key, frozenset({replica.url}))
                 if isinstance(admitted, Response):
                     return admitted
                 replica = admitted
         assert opened is not None
-        self.health.passive_success(replica)
+        if opened.status < 500:  # a 5xx here is marked as the request's own: neither a failure nor a success
+            self.health.passive_success(replica)
         headers = {**opened.headers, **extra_headers, "x-tokenmill-replica": replica.url}
         name = pool.name
 
@@ -251,6 +263,22 @@ class Gateway:
         on_done(res)
         return Response(whole, status_code=opened.status, headers=headers)
 
+    def _failed(self, pool: Pool, url: str, e: UpstreamFailure, extra_headers: dict[str, str]) -> Response:
+        """What the client gets when no (further) attempt is made: the replica's own 5xx when there was one."""
+        if e.response is not None:
+            status, rh, data = e.response
+            self.metrics.requests.labels(pool.name, url, str(status)).inc()
+            return Response(data, status_code=status, headers={**rh, **extra_headers})
+        if not e.retry:  # the replica may have run it: say so, and invite no blind resend
+            self.metrics.requests.labels(pool.name, url, str(e.status)).inc()
+            what = "did not answer in time" if e.status == 504 else "failed"
+            return error_response(e.status, f"replica {url} of pool {pool.name!r} {what} after the request was "
+                                  f"sent; it was not retried as it may have run: {e}", "server_error",
+                                  "upstream_timeout" if e.status == 504 else "upstream_error")
+        self.metrics.requests.labels(pool.name, url, "503").inc()
+        return error_response(503, f"no replica of pool {pool.name!r} could serve the request: {e}",
+                              "server_error", "upstream_unavailable", retry_after=1)
+
 
 def _request_priority(body: dict, header: str | None) -> int:
     p = body.get("priority")
@@ -270,6 +298,12 @@ def _body_for(served: tuple[str, ...], body: dict, raw: bytes) -> bytes:
     return json.dumps({**body, "model": served[0]}).encode()
 
 
+def _endpoint(gw: Gateway, path: str):  # a closure, so `path` is no parameter in the OpenAPI document
+    async def endpoint(request: Request) -> Response:
+        return await gw.handle(request, path)
+    return endpoint
+
+
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
                scorers: dict[str, Scorer] | None = None, actuators: dict[str, Actuator] | None = None) -> FastAPI:
     gw = Gateway(config, registry, scorers, actuators)
@@ -287,9 +321,8 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     app.add_middleware(DrainGate, drain=gw.drain)
 
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
-        async def endpoint(request: Request, _path: str = path) -> Response:
-            return await gw.handle(request, _path)
-        app.add_api_route(path, endpoint, methods=["POST"], name=path)
+        app.add_api_route(path, _endpoint(gw, path), methods=["POST"], name=path, openapi_extra=request_body(path))
+    add_files_routes(app, gw)  # /v1/files, /v1/batches: pinned to the replica that holds the file
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

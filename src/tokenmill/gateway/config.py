@@ -120,8 +120,11 @@ class HealthConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_s: float = 3.0
-    first_byte_timeout_s: float = 120.0  # 5xx/timeout before this -> retried once elsewhere
+    first_byte_timeout_s: float = 120.0  # streams: no first chunk by then -> closed, retried once elsewhere
     read_timeout_s: float = 120.0  # gap between stream chunks before the stream is ended with an error
+    # Non-streamed requests send nothing until generation ends, so neither bound above applies to them:
+    # only this total (None: unbounded, like the generation's own max_tokens bound). Past it: 504, no retry.
+    request_timeout_s: float | None = None
     max_connections: int = 1024
 
 
@@ -261,4 +264,7 @@ def validate(cfg: GatewayConfig) -> None:
     _require(cfg.queue.max_size >= 0, "queue.max_size", cfg.queue.max_size, ">= 0")
     _require(cfg.queue.max_wait_s > 0, "queue.max_wait_s", cfg.queue.max_wait_s, "> 0")
     _require(cfg.drain_timeout_s >= 0, "drain_timeout_s", cfg.drain_timeout_s, ">= 0 seconds")
+    up = cfg.upstream
+    _require(up.request_timeout_s is None or up.request_timeout_s > 0, "upstream.request_timeout_s",
+             up.request_timeout_s, "> 0 seconds, or null for no limit")
     _require(cfg.health.failure_threshold >= 1, "health.failure_threshold", cfg.health.failure_threshold, ">= 1")

@@ -55,7 +55,8 @@ def estimate_tokens(body: dict) -> int:
     elif isinstance(prompt, list):
         for p in prompt:
             chars += len(p) * 4 if isinstance(p, list) else (4 if isinstance(p, int) else len(str(p)))
-    for m in body.get("messages") or []:
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else []:  # fuzzing: "messages": 1.5 was a 500
         if isinstance(m, dict):
             chars += len(str(m.get("content", "")))
     inp = body.get("input")
@@ -67,7 +68,9 @@ def estimate_tokens(body: dict) -> int:
     n = body.get("n") or 1
     if not isinstance(max_tokens, int) or not isinstance(n, int):
         max_tokens, n = 16, 1
-    return math.ceil(chars / 4) + max_tokens * n
+    # Never below the prompt's share: a negative max_tokens or n (the replica rejects it) must not refund
+    # tokens to the caller's window.
+    return math.ceil(chars / 4) + max(0, max_tokens) * max(1, n)
 
 
 class RateLimiter:

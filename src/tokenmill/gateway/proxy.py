@@ -1,8 +1,10 @@
 """Forwarding one request upstream: open it, read the first body chunk, and relay the rest as it arrives.
 
-The first chunk is read before any byte goes to the client, so everything that fails before it
+The first chunk is read before any byte goes to the client, so a stream that fails before it
 (connection refused, 5xx, timeout) can still be retried elsewhere. After that the stream is relayed
 chunk by chunk; if the replica dies, the client gets an SSE error event and `data: [DONE]`.
+A non-streamed generation is retried only when the replica cannot have run it (connection refused,
+or a 503 answer): it runs to its end even if we leave, so a resend would run the work twice.
 """
 
 from __future__ import annotations
@@ -26,13 +28,24 @@ _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _TOKEN_EVENT = re.compile(rb'"(?:text|content)"\s*:\s*"(?!")')
 
 
-class UpstreamFailure(Exception):
-    """Failed before the first byte reached the client: safe to retry. `hard`: nothing is listening."""
+# A replica marks a 5xx that only this request caused (e.g. the engine failed it): relayed as is, no
+# failure recorded, no retry. Any other 5xx is a replica fault.
+ERROR_SCOPE_HEADER = "x-tokenmill-error-scope"
 
-    def __init__(self, message: str, hard: bool = False, response: tuple[int, dict, bytes] | None = None) -> None:
+
+class UpstreamFailure(Exception):
+    """The request failed before any byte reached the client. `hard`: nothing is listening. `retry`: safe to
+    send elsewhere, i.e. the replica did not run it (not connected, or it answered 503) or it was a stream
+    (closing a stream's connection aborts it on the replica). A non-stream request that may have run is
+    not resent: `status` (502/504) or `response` is what the client gets."""
+
+    def __init__(self, message: str, hard: bool = False, response: tuple[int, dict, bytes] | None = None,
+                 retry: bool = True, status: int = 502) -> None:
         super().__init__(message)
         self.hard = hard
         self.response = response  # an upstream 5xx (status, headers, body), relayed if no retry is left
+        self.retry = retry
+        self.status = status
 
 
 @dataclass(slots=True)
@@ -59,17 +72,22 @@ def response_headers(resp: upstream.Response) -> dict[str, str]:
 
 
 async def open_upstream(client: upstream.UpstreamClient, url: str, body: bytes, headers: dict[str, str],
-                        first_byte_timeout_s: float) -> Opened:
-    """Send the request and read until the first body chunk. Raises UpstreamFailure (retryable)."""
+                        first_byte_timeout_s: float, stream: bool = True,
+                        request_timeout_s: float | None = None) -> Opened:
+    """Send the request and read until the first body chunk. Raises UpstreamFailure.
+
+    A stream's status, headers and first chunk are bounded by first_byte_timeout_s. A non-stream request
+    sends its headers only when generation ends, however long that takes: it is bounded by
+    request_timeout_s alone (None: unbounded) and never resent once it may have reached the replica."""
     sent_at = time.monotonic()
     resp: upstream.Response | None = None
     try:
-        async with asyncio.timeout(first_byte_timeout_s):
-            resp = await client.post(url, body, headers)
-            if resp.status >= 500:
+        async with asyncio.timeout(first_byte_timeout_s if stream else None):
+            resp = await client.post(url, body, headers, once=not stream, total_s=request_timeout_s)
+            if resp.status >= 500 and not request_scoped(resp):
                 data = await resp.aread()
                 await resp.aclose()
-                raise UpstreamFailure(f"upstream answered {resp.status}",
+                raise UpstreamFailure(f"upstream answered {resp.status}", retry=stream or resp.status == 503,
                                       response=(resp.status, response_headers(resp), data))
             it = resp.aiter_body()
             try:
@@ -81,12 +99,18 @@ async def open_upstream(client: upstream.UpstreamClient, url: str, body: bytes, 
     except upstream.UpstreamError as e:
         if resp is not None:
             await resp.aclose()
-        raise UpstreamFailure(str(e), hard=e.connect) from None
+        raise UpstreamFailure(str(e), hard=e.connect, retry=stream or e.connect) from None
     except (TimeoutError, OSError) as e:
         if resp is not None:
             await resp.aclose()
-        raise UpstreamFailure(f"{url} failed before the first byte: {e!r}") from None
+        timed_out = isinstance(e, TimeoutError)
+        raise UpstreamFailure(f"{url} failed before the first byte: {e!r}", retry=stream,
+                              status=504 if timed_out else 502) from None
     return Opened(resp.status, response_headers(resp), first, it, resp, sent_at)
+
+
+def request_scoped(resp: upstream.Response) -> bool:
+    return any(k == ERROR_SCOPE_HEADER and v.strip().lower() == "request" for k, v in resp.headers)
 
 
 def error_event(message: str) -> bytes:
@@ -100,15 +124,16 @@ class RelayResult:
     failed: bool = False
 
 
-async def read_whole(opened: Opened) -> bytes:
-    """The rest of a non-streamed body. Nothing has reached the client yet, so a failure here is still
-    retryable (UpstreamFailure)."""
+async def read_whole(opened: Opened, retry: bool) -> bytes:
+    """The rest of a body relayed whole. Nothing has reached the client yet: a failure here is an
+    UpstreamFailure, retryable when `retry` (the request was a stream, aborted when we close)."""
     parts = [opened.first]
     try:
         async for chunk in opened.rest:
             parts.append(chunk)
     except (upstream.UpstreamError, TimeoutError, OSError) as e:
-        raise UpstreamFailure(f"upstream failed while sending the body: {e!r}") from None
+        raise UpstreamFailure(f"upstream failed while sending the body: {e!r}", retry=retry,
+                              status=504 if isinstance(e, TimeoutError) else 502) from None
     finally:
         await opened.response.aclose()
     return b"".join(parts)

@@ -6,6 +6,9 @@ inverse-CDF sampling with one uniform draw per row, drawn for a seeded row from 
 tokens do not depend on its batch mates. Logprobs come from log_softmax of the raw model logits (after only the
 grammar mask, as vLLM).
 No full-vocabulary sort unless top_p asks for it; top_k uses torch.topk.
+Penalty counts are kept per sequence across steps (layers/penalties.py), not rebuilt from the history.
+A row whose every token is masked (grammar, min_tokens) yields the argmax of the raw model logits and, with
+logprobs, -inf for every token (reported as -9999): never NaN, never an id outside the vocabulary.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.kernels.cpu_kernels import CpuKernels
+from tokenmill.layers.penalties import PenaltyCounts
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured_output.manager import GrammarBitmask, apply_bitmask
 
@@ -29,6 +33,8 @@ class SeqSamplingState:
     eos_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # set for seeded sequences; reseeded per output index
     seed: int | None = None
+    penalty_row: int = -1  # this sequence's row in the sampler's PenaltyCounts (-1: none taken)
+    num_counted: int = 0  # output tokens already in that row's counts
 
 
 @dataclass(slots=True)
@@ -48,6 +54,11 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = device
         self.cpu_kernels = cpu_kernels  # native argmax over wide rows (several times torch's on CPU)
+        self.penalty_counts = PenaltyCounts(vocab_size, device)
+
+    def release(self, state: SeqSamplingState) -> None:
+        """The sequence left the batch (finished, aborted or preempted): free what the sampler kept for it."""
+        self.penalty_counts.release(state)
 
     def _argmax(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1:
@@ -59,13 +70,19 @@ class Sampler:
         """logits [B, V] float32 (rows in `states` order; modified in place). One host sync.
         grammar_bitmask: structured output's mask for the constrained rows, applied before anything else."""
         num_rows = logits.shape[0]
+        params = [s.params for s in states]
+        # Only masks can leave a row with no allowed token (finite logits, bias in [-100, 100]); such a row falls
+        # back to the model's own top token, so the step never yields NaN or an out-of-vocabulary id.
+        fallback = self._argmax(logits) if grammar_bitmask is not None or self._holds_back_ids(states) else None
         if grammar_bitmask is not None:
             apply_bitmask(logits, grammar_bitmask)
-        params = [s.params for s in states]
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        if raw_logprobs is not None and grammar_bitmask is not None:
+            raw_logprobs.nan_to_num_(nan=float("-inf"))  # an all-masked row: every token impossible, not NaN
         self._apply_bias_and_min_tokens(logits, states)
         self._apply_penalties(logits, states)
+        dead = torch.isneginf(logits.amax(dim=-1)) if fallback is not None else None
 
         tokens = torch.empty(num_rows, dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -80,6 +97,8 @@ class Sampler:
             x = logits if len(rand) == num_rows else logits[idx]
             tokens[idx] = self._sample_random(x, [states[i] for i in rand], generator)
 
+        if dead is not None:
+            tokens = torch.where(dead, fallback, tokens)
         packed = [tokens.to(torch.float64)[:, None]]
         max_k = max((p.logprobs or 0) for p in params)
         if raw_logprobs is not None:
@@ -100,6 +119,10 @@ class Sampler:
         k = p.logprobs
         top = [(int(row[3 + j]), row[3 + max_k + j]) for j in range(k)] if k else []
         return SampledRow(token, row[1], int(row[2]), top)
+
+    @staticmethod
+    def _holds_back_ids(states: list[SeqSamplingState]) -> bool:
+        return any(len(s.output_token_ids) < s.params.min_tokens for s in states)
 
     def _apply_bias_and_min_tokens(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
         rows: list[int] = []
@@ -131,22 +154,23 @@ class Sampler:
         which = [i for i, s in enumerate(states) if _needs_penalties(s.params)]
         if not which:
             return
-        dev, vocab = logits.device, self.vocab_size
-        out_counts = _token_counts([states[i].output_token_ids for i in which], vocab, dev)
+        dev = logits.device
+        out_counts, prompt_seen = self.penalty_counts.rows_for([states[i] for i in which])
         x = logits[torch.tensor(which, device=dev)] if len(which) < len(states) else logits
         p_list = [states[i].params for i in which]
         rep = torch.tensor([p.repetition_penalty for p in p_list], device=dev)[:, None]
+        present = out_counts > 0
         if any(p.repetition_penalty != 1.0 for p in p_list):
-            prompt_seen = _token_counts([states[i].prompt_token_ids for i in which], vocab, dev) > 0
-            seen = prompt_seen | (out_counts > 0)
             penalised = torch.where(x > 0, x / rep, x * rep)
-            x = torch.where(seen, penalised, x)
+            x = torch.where(prompt_seen.logical_or_(present), penalised, x)
         freq = torch.tensor([p.frequency_penalty for p in p_list], device=dev)[:, None]
         pres = torch.tensor([p.presence_penalty for p in p_list], device=dev)[:, None]
-        x = x - freq * out_counts - pres * (out_counts > 0).to(x.dtype)
+        # In place on the fresh row copies (out_counts, x unless it is logits itself): 8 MB temporaries per
+        # 8 rows of a 262k vocabulary cost more than the arithmetic. Same operation order as x - f*c - p*[c>0].
+        x = x.sub_(out_counts.mul_(freq)).sub_(present.to(x.dtype).mul_(pres))
         if len(which) < len(states):
             logits[torch.tensor(which, device=dev)] = x
-        else:
+        elif x is not logits:
             logits.copy_(x)
 
     def _sample_random(self, x: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None) -> torch.Tensor:
@@ -169,7 +193,10 @@ class Sampler:
         # draw per vocabulary entry: with 262k-entry vocabularies that dominated the step on CPU. Everything
         # runs in place on x (logits or a row copy the caller no longer reads): fresh 67 MB temporaries cost
         # more in page faults than the arithmetic. The cdf is unnormalised: u is scaled by its total.
-        cdf = x.sub_(x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+        amax = x.amax(dim=-1, keepdim=True)
+        # An all -inf row would turn into NaN (-inf - -inf); as zeros it samples past the end, clamped below
+        # (the caller replaces that token with the row's fallback).
+        cdf = x.sub_(amax.masked_fill_(torch.isneginf(amax), 0.0)).exp_().cumsum_(dim=-1)
         u = torch.empty(len(states), device=dev, dtype=cdf.dtype)
         unseeded = [i for i, s in enumerate(states) if s.generator is None]
         for i, s in enumerate(states):
@@ -182,21 +209,7 @@ class Sampler:
         # First index whose cdf exceeds u * total: never a zero-probability token (its cdf equals its
         # predecessor's); the bound below total keeps float rounding from running past the last token.
         target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-
-
-def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(lists), vocab] float counts of each token id (ids outside the vocab are ignored)."""
-    width = max((len(t) for t in lists), default=0)
-    counts = torch.zeros((len(lists), vocab + 1), device=device)
-    if width:
-        ids = torch.full((len(lists), width), vocab, dtype=torch.long)
-        for r, t in enumerate(lists):
-            if t:
-                ids[r, : len(t)] = torch.tensor(t, dtype=torch.long).clamp(0, vocab)
-        ids = ids.to(device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :vocab]
+        return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

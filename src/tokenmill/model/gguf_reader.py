@@ -12,6 +12,7 @@ entries, then tensor data at the next multiple of general.alignment (default 32)
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,78 +79,122 @@ class GGUFFile:
         return self.metadata.get(f"{self.architecture}.{suffix}", default)
 
 
+class GGUFFormatError(ValueError):
+    """A malformed or truncated file; the message names the file, what is wrong and the byte offset."""
+
+
+_MAX_ARRAY_NESTING = 8  # arrays of arrays nest this deep at most (llama.cpp writes none): no recursion bomb
+
+
 class _Cursor:
-    def __init__(self, buf: memoryview) -> None:
+    """Reads from the mapped file; every declared length or count is checked against the bytes left before
+    anything is allocated, so a corrupt header fails at once instead of allocating or looping for long."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
         self.buf = buf
+        self.path = path
         self.pos = 0
 
-    def scalar(self, fmt: str, size: int) -> Any:
+    def fail(self, what: str) -> GGUFFormatError:
+        return GGUFFormatError(f"model: {self.path} is not a valid GGUF file: {what} (at byte {self.pos})")
+
+    def need(self, n: int, what: str) -> None:
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"{what} needs {n} bytes but only {len(self.buf) - self.pos} remain (truncated file?)")
+
+    def scalar(self, fmt: str, size: int, what: str = "a value") -> Any:
+        self.need(size, what)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return value
 
-    def string(self) -> str:
-        (n,) = struct.unpack_from("<Q", self.buf, self.pos)
-        start = self.pos + 8
+    def count(self, what: str, min_item_bytes: int) -> int:
+        """A u64 count of items each at least min_item_bytes long, bounded by the bytes left."""
+        n = self.scalar("<Q", 8, what)
+        if n * min_item_bytes > len(self.buf) - self.pos:
+            raise self.fail(f"{what} declares {n} items, more than the {len(self.buf) - self.pos} bytes left hold")
+        return n
+
+    def string(self, what: str = "a string") -> str:
+        n = self.count(f"length of {what}", 1)
+        start = self.pos
         self.pos = start + n
         return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
-            etype = self.scalar("<I", 4)
-            count = self.scalar("<Q", 8)
+            if depth >= _MAX_ARRAY_NESTING:
+                raise self.fail(f"arrays nested deeper than {_MAX_ARRAY_NESTING}")
+            etype = self.scalar("<I", 4, "an array's element type")
             if etype in _NUMPY:
                 dtype = np.dtype(_NUMPY[etype])
+                count = self.count("an array", dtype.itemsize)
                 arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
                 self.pos += count * dtype.itemsize
                 return arr
-            return [self.value(etype) for _ in range(count)]
+            if etype not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+                raise self.fail(f"unknown array element type {etype}")
+            count = self.count("an array", 8 if etype == GGUFValueType.STRING else 12)
+            return [self.value(etype, depth + 1) for _ in range(count)]
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
-        raise ValueError(f"GGUF: unknown metadata value type {vtype} at byte {self.pos}")
+        raise self.fail(f"unknown metadata value type {vtype}")
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF file's header; tensor data stays memory-mapped (nothing is copied or dequantized)."""
+    """Parse a GGUF file's header; tensor data stays memory-mapped (nothing is copied or dequantized).
+    Raises GGUFFormatError (a ValueError naming the file and what is wrong) for a malformed or truncated file."""
     path = Path(path)
+    if path.stat().st_size < 4:
+        raise GGUFFormatError(f"model: {path} is not a GGUF file ({path.stat().st_size} bytes, too short)")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     buf = memoryview(mm)
     if bytes(buf[:4]) != b"GGUF":
-        raise ValueError(f"model: {path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
-    cur = _Cursor(buf)
+        raise GGUFFormatError(f"model: {path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
+    cur = _Cursor(buf, path)
     cur.pos = 4
-    version = cur.scalar("<I", 4)
+    version = cur.scalar("<I", 4, "the version")
     if version < 2:
-        raise ValueError(f"model: {path} is GGUF version {version}; versions 2 and 3 are supported")
-    n_tensors = cur.scalar("<Q", 8)
-    n_kv = cur.scalar("<Q", 8)
+        raise GGUFFormatError(f"model: {path} is GGUF version {version}; versions 2 and 3 are supported")
+    # minimum sizes: a tensor entry is name length 8 + n_dims 4 + type 4 + offset 8; a kv entry 8 + 4 + 1
+    n_tensors = cur.scalar("<Q", 8, "the tensor count")
+    n_kv = cur.count("the metadata count", 13)
+    if n_tensors * 24 > len(buf) - cur.pos:
+        raise cur.fail(f"the header declares {n_tensors} tensors, more than the file can hold")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
-        key = cur.string()
-        vtype = cur.scalar("<I", 4)
+        key = cur.string("a metadata key")
+        vtype = cur.scalar("<I", 4, f"the type of {key!r}")
         metadata[key] = cur.value(vtype)
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.scalar("<I", 4)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, cur.pos)
-        cur.pos += 8 * n_dims
-        ggml_type = GGMLQuantizationType(cur.scalar("<I", 4))
-        offset = cur.scalar("<Q", 8)
-        infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    infos = [_tensor_info(cur) for _ in range(n_tensors)]
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, (int, np.integer)) or isinstance(alignment, bool) or alignment < 1:
+        raise cur.fail(f"general.alignment={alignment!r} must be a positive integer")
+    data_start = (cur.pos + int(alignment) - 1) // int(alignment) * int(alignment)
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, shape, ggml_type, offset in infos:
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-        n_el = int(np.prod(shape)) if shape else 1
+        n_el = math.prod(shape)  # Python ints: a huge declared shape cannot wrap around
         if n_el % block_size:
-            raise ValueError(f"model: GGUF tensor {name} has {n_el} elements, not a multiple of {block_size}")
+            raise GGUFFormatError(f"model: GGUF tensor {name} has {n_el} elements, not a multiple of {block_size}")
         n_bytes = n_el // block_size * type_size
         start = data_start + offset
         if start + n_bytes > mm.shape[0]:
-            raise ValueError(f"model: GGUF tensor {name} runs past the end of {path} (truncated file?)")
+            raise GGUFFormatError(f"model: GGUF tensor {name} runs past the end of {path} (truncated file?)")
         tensors[name] = GGUFTensorInfo(name, shape, ggml_type, mm[start : start + n_bytes])
     return GGUFFile(path=path, version=version, metadata=metadata, tensors=tensors)
+
+
+def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    name = cur.string("a tensor name")
+    n_dims = cur.scalar("<I", 4, f"tensor {name!r}'s dimension count")
+    cur.need(8 * n_dims, f"tensor {name!r}'s {n_dims} dimensions")
+    dims = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
+    cur.pos += 8 * n_dims
+    raw_type = cur.scalar("<I", 4, f"tensor {name!r}'s type")
+    if raw_type not in GGML_QUANT_SIZES:
+        raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}")
+    offset = cur.scalar("<Q", 8, f"tensor {name!r}'s offset")
+    return name, tuple(int(d) for d in reversed(dims)), GGMLQuantizationType(raw_type), offset

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -16,9 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import tokenmill
+from tokenmill.batch.worker import start_batches, stop_batches
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.dashboard.router import dashboard_router, process_info
+from tokenmill.engine.stats import SchedulerStats
 from tokenmill.model.default_model import DEFAULT_MODEL_NAME
+from tokenmill.server.batches_api import batches_router
+from tokenmill.server.core_supervisor import supervise
 from tokenmill.server.errors import (
     APIError,
     engine_dead,
@@ -26,7 +31,20 @@ from tokenmill.server.errors import (
     install_error_handlers,
     unavailable,
 )
+from tokenmill.server.files_api import files_router
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.openapi import install_openapi, route_doc
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from tokenmill.server.request_log import log_rejected, track_http_request
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_completions import create_completion
@@ -43,7 +61,10 @@ from tokenmill.server.state import ServerState
 log = logging.getLogger("tokenmill.server")
 
 EngineFactory = Callable[[EngineConfig], Awaitable[Any]]
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # POSTs to these get a log line when refused
+# With --api-key every path needs the key except these (a new route is guarded by default): probes and the
+# version, and /metrics unless --no-metrics-open.
+OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 async def start_multiprocess_engine(config: EngineConfig) -> Any:
@@ -67,11 +88,13 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load(state, engine_factory))
+        loader = asyncio.create_task(_run_engine(state, engine_factory))
+        start_batches(state)  # resumes the batch jobs a previous process left active
         try:
             yield
         finally:
             state.draining = True
+            await stop_batches(state)  # before the engine goes: running lines are rerun on the next start
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             if state.engine is not None:
@@ -79,7 +102,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             log.info("tokenmill server stopped")
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    install_openapi(app)
     app.state.tokenmill = state
     install_error_handlers(app)
 
@@ -94,26 +118,36 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             log_rejected(request.method, request.url.path, response.status_code, time.monotonic() - t0)
         return response
 
+    key_digest = hashlib.sha256(server_config.api_key.encode()).digest() if server_config.api_key else None
+
     async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        key = server_config.api_key
-        if key and request.url.path.startswith(_PROTECTED):
+        path = request.url.path
+        if key_digest is not None and path not in OPEN_PATHS and not (path == "/metrics" and server_config.metrics_open):
             header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
+            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            # Digests have one length: compare_digest then takes the same time whatever the token's length.
+            if not hmac.compare_digest(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest(), key_digest):
                 msg = "Missing API key: send `Authorization: Bearer <key>`." if not token else "Incorrect API key provided."
                 return JSONResponse(error_body(msg, "authentication_error", None, "invalid_api_key"), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except RuntimeError as exc:
+            # A non-stream handler cancelled because its client left (streaming.until_disconnect) returns no
+            # response; Starlette reports that as this error, which would log a traceback per disconnect.
+            if str(exc) != "No response returned.":
+                raise
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=route_doc(CompletionRequest, CompletionResponse, stream=True))
     async def completions(request: Request) -> Response:
         return await create_completion(state, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=route_doc(ChatCompletionRequest, ChatCompletionResponse, stream=True))
     async def chat(request: Request) -> Response:
         return await create_chat_completion(state, request)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=route_doc(EmbeddingRequest, None))
     async def embeddings(request: Request) -> Response:
         return await create_embedding(state, request)
 
@@ -122,11 +156,11 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
         check_ready(state)  # 503 while loading, like every model endpoint (docs/server.md)
         return list_models(state)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=route_doc(TokenizeRequest, TokenizeResponse))
     async def tokenize_route(request: Request) -> Response:
         return await tokenize(state, request)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=route_doc(DetokenizeRequest, DetokenizeResponse))
     async def detokenize_route(request: Request) -> Response:
         return await detokenize(state, request)
 
@@ -138,7 +172,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             if state.engine is None:
                 raise engine_dead(state.load_error) if state.load_error else unavailable("The model is loading.")
             if state.engine.errored:
-                raise engine_dead()
+                raise engine_dead(state.load_error or state.engine.dead_reason)
         except APIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         return Response(status_code=200)
@@ -156,10 +190,11 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     async def debug_stats() -> Response:
         """Raw engine scheduler stats (block counts included), for tests and operators."""
         stats = refresh_engine_metrics(state)
-        body = {"ready": state.engine is not None, "in_flight_seqs": state.in_flight_seqs}
+        body = {"ready": state.engine is not None and not state.engine.errored,
+                "in_flight_seqs": state.in_flight_seqs, "core_restarts": state.core_restarts}
         if stats is not None:
             body["engine"] = {k: getattr(stats, k) for k in stats.__slots__}
-            body["core_pid"] = state.engine.model_info.extra.get("pid")
+            body["core_pid"] = None if state.engine.errored else state.engine.model_info.extra.get("pid")
         return JSONResponse(body)
 
     def dashboard_extra() -> dict[str, Any]:
@@ -173,6 +208,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                 "num_blocks_free": stats.num_blocks_free if stats is not None else None,
                 "num_blocks_total": stats.num_blocks_total if stats is not None else None}
 
+    app.include_router(files_router(state))
+    app.include_router(batches_router(state))
     app.include_router(dashboard_router(registry, extra=dashboard_extra))
     return app
 
@@ -181,7 +218,9 @@ def refresh_engine_metrics(state: ServerState) -> Any:
     """Copy the core's latest SchedulerStats into the gauges / counters; returns them (None if no engine)."""
     if state.engine is None:
         return None
-    stats = state.engine.stats()
+    # a dead core's last figures are stale (its requests all failed), and re-reading its cumulative
+    # counters after metrics.engine_restarted() would count them twice
+    stats = SchedulerStats() if state.engine.errored else state.engine.stats()
     state.last_num_waiting = stats.num_waiting
     state.metrics.update_engine(stats.num_running, stats.num_waiting, stats.kv_cache_usage,
                                 stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
@@ -189,7 +228,13 @@ def refresh_engine_metrics(state: ServerState) -> Any:
     return stats
 
 
-async def _load(state: ServerState, factory: EngineFactory) -> None:
+async def _run_engine(state: ServerState, factory: EngineFactory) -> None:
+    """Load the engine, then keep it running (restarts after a core death, see core_supervisor)."""
+    if await _load(state, factory):
+        await supervise(state, factory)
+
+
+async def _load(state: ServerState, factory: EngineFactory) -> bool:
     t0 = time.monotonic()
     try:
         engine = await factory(state.engine_config)
@@ -198,10 +243,10 @@ async def _load(state: ServerState, factory: EngineFactory) -> None:
     except Exception as exc:  # noqa: BLE001 - reported on /health and logged; the process stays up
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("engine failed to start: %s", state.load_error)
-        failed = state.extra.get("on_load_error")
+        failed = state.extra.get("on_fatal")
         if failed is not None:
             failed()
-        return
+        return False
     state.engine = engine
     info = engine.model_info
     log.debug("model %s ready in %.1fs: max_model_len=%d, KV cache capacity %d tokens", state.model_name,
@@ -209,3 +254,4 @@ async def _load(state: ServerState, factory: EngineFactory) -> None:
     ready = state.extra.get("on_ready")
     if ready is not None:
         ready()
+    return True

@@ -13,6 +13,7 @@ import typer
 
 from tokenmill.config import (
     QUANTIZATION_METHODS,
+    BatchConfig,
     CacheConfig,
     SchedulerConfig,
     ServerConfig,
@@ -74,13 +75,34 @@ def serve_command(
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse KV blocks of identical prompt prefixes across requests.")] = _C.enable_prefix_caching,
+    prefix_cache_salt: Annotated[str | None, typer.Option(
+        envvar="TOKENMILL_PREFIX_CACHE_SALT",
+        help="Secret mixed into every prefix-cache block hash (env TOKENMILL_PREFIX_CACHE_SALT, which keeps it "
+             "out of the process list): hashes cannot be predicted without it. Requests isolate themselves "
+             "from each other with `cache_salt`.")] = _C.prefix_cache_salt,
     scheduling_policy: Annotated[str, typer.Option(
-        help="fcfs | priority. priority: lower `priority` values in requests are served first.")] = _S.policy,
+        help="fcfs | priority. Both admit lower `priority` values first, then by arrival (requests default to 0, "
+             "Batch API lines run at 1); priority also preempts running lower-priority sequences for a "
+             "higher-priority arrival.")] = _S.policy,
     task: Annotated[str, typer.Option(help="generate | embed (embed serves /v1/embeddings).")] = "generate",
     seed: Annotated[int, typer.Option(help="Seed for unseeded sampling.")] = 0,
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM: seconds to let in-flight requests finish before exiting.")] = _V.drain_timeout_s,
+    max_core_restarts: Annotated[int, typer.Option(
+        min=0, help="Restart a dead engine core (backoff 1 s, 2 s, 4 s ...) at most this many times within "
+                    "10 minutes; one more death and the server exits 1 for its supervisor to restart it. "
+                    "0: exit at the first death.")] = _V.max_core_restarts,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body (bigger: 413).")] = _V.max_body_bytes,
+    max_prompt_chars: Annotated[int | None, typer.Option(
+        min=1, help="Longest prompt text in characters (all prompts or messages of a request), refused with 400 "
+                    "before tokenization. Default: max-model-len x 32, which no prompt that fits reaches.")] = None,
+    metrics_open: Annotated[bool, typer.Option(
+        "--metrics-open/--no-metrics-open",
+        help="With --api-key: leave /metrics open for Prometheus scrapers (/health and /version are always "
+             "open; every other path needs the key).")] = _V.metrics_open,
+    trust_request_chat_template: Annotated[bool, typer.Option(
+        "--trust-request-chat-template",
+        help="Accept a `chat_template` in chat requests (its jinja loops run on the server's CPU).")] = False,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
     log_requests: Annotated[bool, typer.Option(
         "--log-requests",
@@ -97,6 +119,17 @@ def serve_command(
     tool_call_parser: Annotated[str | None, typer.Option(
         help="hermes | llama3_json | pythonic: how the model writes tool calls (with --enable-auto-tool-choice). "
              "pythonic suits the default Gemma model.")] = None,
+    batch_dir: Annotated[str | None, typer.Option(
+        help="Where /v1/files and /v1/batches keep their files and job state (SQLite); a restart on the same "
+             "directory resumes unfinished batches. One server per directory. Default: <cache>/batches "
+             "($TOKENMILL_CACHE or ~/.cache/tokenmill).")] = None,
+    max_batch_inflight: Annotated[int | None, typer.Option(
+        min=1, help="Batch-API lines in the engine at once (all batches together), queued behind interactive "
+                    "requests. Default: half of --max-num-seqs.")] = None,
+    max_batch_inflight_shared: Annotated[int, typer.Option(
+        min=1, help="Batch-API lines in the engine at once while interactive requests are in flight (each "
+                    "running line slows every step); the batch fills up to --max-batch-inflight again when "
+                    "interactive traffic stops.")] = _V.batch.max_inflight_shared,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)."""
     from tokenmill.config import EngineConfig, ModelConfig
@@ -121,7 +154,7 @@ def serve_command(
                           served_model_name=served_model_name, chat_template=template, seed=seed,
                           quantization=quantization, dense_batch_weights=dense_batch_weights),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                          enable_prefix_caching=enable_prefix_caching),
+                          enable_prefix_caching=enable_prefix_caching, prefix_cache_salt=prefix_cache_salt or None),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=scheduling_policy),
         num_threads=num_threads, cpu_cores=placement.cores if placement.pinned else None,
@@ -130,7 +163,11 @@ def serve_command(
     server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
                                  max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
                                  drain_timeout_s=drain_timeout, log_requests=log_requests,
-                                 tool_call_parser=_tool_parser(enable_auto_tool_choice, tool_call_parser))
+                                 max_core_restarts=max_core_restarts, max_prompt_chars=max_prompt_chars,
+                                 metrics_open=metrics_open, trust_request_chat_template=trust_request_chat_template,
+                                 tool_call_parser=_tool_parser(enable_auto_tool_choice, tool_call_parser),
+                                 batch=BatchConfig(batch_dir=batch_dir, max_inflight=max_batch_inflight,
+                                                   max_inflight_shared=max_batch_inflight_shared))
     raise typer.Exit(run_server(engine_config, server_config, template, log_level))
 
 

@@ -82,10 +82,12 @@ def unavailable(message: str) -> APIError:
 
 
 def engine_dead(detail: str | None = None) -> APIError:
-    msg = "The engine core process is not running; the server cannot serve requests."
+    # a replica fault (5xx, so a gateway retries elsewhere); the server restarts the core or exits
+    msg = ("The engine core process is not running: the server restarts it, or exits once it cannot "
+           "(first start failed, or more than --max-core-restarts deaths); retry shortly.")
     if detail:
         msg += f" ({detail})"
-    return APIError(503, msg, "engine_error", code="engine_dead")
+    return APIError(503, msg, "engine_error", code="engine_dead", headers={"Retry-After": "2"})
 
 
 def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:

@@ -80,9 +80,9 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, chat_te
                             timeout_graceful_shutdown=2, access_log=False, lifespan="on")
     server = DrainingServer(config, state)
 
-    def load_failed() -> None:  # nothing to serve: exit (status 1) instead of answering 503 forever
+    def nothing_to_serve() -> None:  # load failed or restart budget spent: exit 1, not 503 forever
         server.should_exit = True
 
-    state.extra["on_load_error"] = load_failed
+    state.extra["on_fatal"] = nothing_to_serve
     server.run()
     return 0 if state.load_error is None else 1

@@ -100,6 +100,9 @@ class ServerMetrics:
         r.register(self._compile)
         # Last cumulative values seen from the core, to turn them into counter increments.
         self._last_cum = {"q": 0, "h": 0, "p": 0, "gf": 0}
+        self._core_restarts = Counter("tokenmill_engine_core_restarts", "Engine core processes restarted "
+                                      "after the previous one died.", lbl, registry=r)
+        self._core_restarts.labels(model_name)  # 0 from the start: "never restarted" is a value
         for reason in ("stop", "length", "abort"):
             self._success.labels(model_name, reason)  # expose zeros from the start, as vLLM does
         for kind in CONSTRAINT_KINDS:
@@ -118,6 +121,15 @@ class ServerMetrics:
             if delta > 0:
                 counter.labels(m).inc(delta)
             self._last_cum[key] = max(value, self._last_cum[key])
+
+    def engine_restarted(self) -> None:
+        """The engine core died: a new one counts from zero, so the cumulative baselines restart at zero
+        and the gauges read zero until it reports (the dead core's requests have all failed)."""
+        self._last_cum = dict.fromkeys(self._last_cum, 0)
+        self.update_engine(0, 0, 0.0, 0, 0, 0)
+
+    def observe_core_restart(self) -> None:
+        self._core_restarts.labels(self.model_name).inc()
 
     def update_grammar(self, stats: SchedulerStats) -> None:
         """Copy the core's structured-output figures (cumulative, except the waiting gauge)."""

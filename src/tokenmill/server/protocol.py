@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 _MAX_N = 128
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -52,6 +54,17 @@ def _plural_kind(x: Any) -> str:
     return kinds.get(type(x), type(x).__name__)
 
 
+def _int64(v: int) -> int:
+    """Integers cross to the engine core as msgpack int64: a larger one must be a 400 here, not a 500 there."""
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise PydanticCustomError("int64_range", "must be an integer in [-2^63, 2^63-1] "
+                                  "([-9223372036854775808, 9223372036854775807])", {})
+    return v
+
+
+# Every integer field that reaches the engine: OpenAI's own spec bounds `seed` to this range too.
+Int64 = Annotated[StrictInt, AfterValidator(_int64)]
+
 PromptInput = Annotated[StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]],
                         BeforeValidator(_prompt_shape)]
 
@@ -65,30 +78,32 @@ class _SamplingFields(_Strict):
     """Fields shared by completions and chat (OpenAI's plus vLLM's extras)."""
 
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: Annotated[StrictInt, Field(ge=1, le=_MAX_N)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
     # vLLM extras
-    top_k: StrictInt | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = 0
-    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: Int64 = 0
+    stop_token_ids: list[Int64] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
-    priority: StrictInt = 0
-    best_of: StrictInt | None = None
-    prompt_logprobs: StrictInt | None = None  # top-k per prompt position; checked by SamplingParams
+    priority: Int64 = 0
+    best_of: Int64 | None = None
+    prompt_logprobs: Int64 | None = None  # top-k per prompt position; checked by SamplingParams
+    # vLLM's prefix-cache isolation: only requests with the same salt share cached blocks (checked by SamplingParams)
+    cache_salt: StrictStr | None = None
     # Decoding constraints: OpenAI's response_format and vLLM's structured_outputs, both checked (shape, size,
     # compile) in server/structured_outputs.py so errors name the field; any JSON object passes here.
     response_format: dict[str, Any] | None = None
@@ -110,7 +125,7 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: StrictInt | None = 16
+    max_tokens: Int64 | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
@@ -160,7 +175,7 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
@@ -189,7 +204,7 @@ class EmbeddingRequest(_Strict):
     model: StrictStr | None = None
     input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = None
+    dimensions: Int64 | None = None
     user: StrictStr | None = None
 
 
@@ -299,3 +314,26 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx body (server/errors.py)."""
+
+    error: ErrorDetail

@@ -73,10 +73,13 @@ def log_received(request_id: str, prompt_ids: list[int], params: SamplingParams,
     log.info("received request %s: prompt: %r%s, prompt_tokens: %d, params: %s", request_id, shown, more,
              len(prompt_ids), describe_params(params))
 
+_SECRET_PARAMS = frozenset({"cache_salt"})
+
 
 def describe_params(params: SamplingParams) -> str:
-    """The fields that differ from SamplingParams' defaults, as `name=value` pairs (a short, stable line)."""
+    """The fields that differ from SamplingParams' defaults, as `name=value` pairs (a short, stable line).
+    A tenant's cache_salt is a secret (it decides who shares prefix-cache blocks): shown as set, never its value."""
     defaults = SamplingParams()
-    changed = [f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
-               if getattr(params, f.name) != getattr(defaults, f.name)]
+    changed = [f"{f.name}={'<redacted>' if f.name in _SECRET_PARAMS else repr(getattr(params, f.name))}"
+               for f in dataclasses.fields(params) if getattr(params, f.name) != getattr(defaults, f.name)]
     return "SamplingParams(" + ", ".join(changed) + ")"

@@ -31,6 +31,7 @@ from tokenmill.server.structured_outputs import (
     request_structured_outputs_async,
     with_constraint,
 )
+from tokenmill.server.tokenizer_pool import check_prompt_chars, run_tokenizer
 from tokenmill.server.tool_calls import (
     ToolPlan,
     new_tool_call_id,
@@ -54,7 +55,12 @@ def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_
                        "/v1/completions.", param="messages", code="chat_template_missing")
     convo = [{"role": m.role, "content": m.text(), "name": m.name, "tool_call_id": m.tool_call_id,
               "tool_calls": [c.model_dump() for c in m.tool_calls or []]} for m in messages]
-    convo, tools, template = with_tools(convo, tools, template, tool_parser)
+    try:
+        convo, tools, template = with_tools(convo, tools, template, tool_parser)
+    except (AttributeError, TypeError, ValueError) as exc:  # fuzz: tool_calls arguments that are not a JSON object
+        raise invalid_param("messages", f"invalid messages: a tool call this template is fed as plain text could "
+                            f"not be formatted ({type(exc).__name__}: {exc}); send each tool call's arguments as "
+                            "JSON text of an object") from None
     if tools:
         template_kwargs = {**(template_kwargs or {}), "tools": tools}
     try:
@@ -66,22 +72,39 @@ def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_
             continue_final_message=continue_final_message,
             **(template_kwargs or {}),
         )
-    except Exception as exc:  # noqa: BLE001 - jinja raise_exception() and friends: the user's messages
-        raise invalid_param("messages", f"invalid messages for this model's chat template: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception(), SecurityError from the sandbox and friends
+        if request_template:  # the request's own template is the likelier culprit
+            raise invalid_param("chat_template", f"invalid chat_template (or messages for it): {exc}") from None
+        param = "chat_template_kwargs" if "multiple values for keyword" in str(exc) else "messages"
+        raise invalid_param(param, f"invalid {param} for this model's chat template: {exc}") from None
     if not isinstance(text, str):  # some tokenizer versions return a list when batched
         text = text[0]
     return text
 
 
 def chat_template(state: ServerState, request_template: str | None = None) -> str | None:
-    """The request's template, else --chat-template, else the tokenizer's, else the model's."""
+    """The request's template, else --chat-template, else the tokenizer's, else the model's.
+    A request's own template runs arbitrary (sandboxed, but unbounded) jinja loops on the tokenizer thread,
+    so it needs --trust-request-chat-template, as in vLLM."""
+    if request_template and not state.server_config.trust_request_chat_template:
+        raise invalid_param("chat_template", "invalid chat_template: this server does not accept a chat template "
+                            "in the request; start it with --trust-request-chat-template, or use --chat-template")
     engine = state.engine
     return request_template or state.chat_template or getattr(engine.tokenizer, "chat_template", None) \
         or engine.model_info.chat_template
 
 
+def render_and_tokenize(state: ServerState, messages: list[ChatMessage], add_special_tokens: bool,
+                        param: str = "messages", **render_kw: Any) -> list[int]:
+    """The tokenizer thread's work for a chat prompt: render, bound the rendered text, tokenize."""
+    text = render_chat(state, messages, **render_kw)
+    check_prompt_chars(len(text), state, param)  # a template can expand its input (loops, tool schemas)
+    return list(state.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    body = await read_body(request, ChatCompletionRequest, state.server_config.max_body_bytes)
+    body = await read_body(request, ChatCompletionRequest, state.server_config.max_body_bytes,
+                           state.server_config.max_json_depth)
     check_ready(state)
     model = check_model(state, body.model)
     check_generate(state, model)
@@ -96,9 +119,12 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if body.prompt_logprobs is not None and body.stream:  # vLLM refuses this combination too
         raise invalid_param("prompt_logprobs", "invalid prompt_logprobs with stream=true: chat returns prompt "
                                                "logprobs only without streaming")
-    text = render_chat(state, body.messages, body.add_generation_prompt, body.continue_final_message,
-                       body.chat_template, body.chat_template_kwargs, plan.tools, parser)
-    ids = list(engine.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
+    check_prompt_chars(sum(len(m.text()) for m in body.messages), state, "messages")
+    ids = await run_tokenizer(state, render_and_tokenize, state, body.messages, body.add_special_tokens,
+                              add_generation_prompt=body.add_generation_prompt,
+                              continue_final_message=body.continue_final_message,
+                              request_template=body.chat_template, template_kwargs=body.chat_template_kwargs,
+                              tools=plan.tools, tool_parser=parser)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
@@ -106,7 +132,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         params = sampling_params(body, max_tokens, logprobs, len(ids), engine.model_info.max_model_len, "messages",
-                                 body.prompt_logprobs)
+                                 body.prompt_logprobs, vocab_size=engine.model_info.vocab_size,
+                                 limits=state.server_config)
     except APIError as exc:
         if exc.param == "max_tokens":  # name the field the client actually sent
             exc.param = field

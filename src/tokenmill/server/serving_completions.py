@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill.server.errors import invalid_param
+from tokenmill.server.errors import APIError, invalid_param
 from tokenmill.server.logprobs import completion_logprobs
 from tokenmill.server.prompt_logprobs import echo_prompt_logprobs, prompt_logprobs_json
 from tokenmill.server.protocol import CompletionRequest
@@ -28,6 +28,11 @@ from tokenmill.server.streaming import merge, sse_response, until_disconnect
 from tokenmill.server.structured_outputs import (
     request_structured_outputs_async,
     with_constraint,
+)
+from tokenmill.server.tokenizer_pool import (
+    check_prompt_chars,
+    run_tokenizer,
+    text_chars,
 )
 
 
@@ -55,8 +60,24 @@ def prompt_token_ids(prompt: Any, tokenizer: Any, vocab_size: int, add_special_t
     return out
 
 
+def num_prompts(prompt: Any) -> int:
+    """How many prompts a `prompt` field holds (a string or one token-id list is one)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return 1
+    return len(prompt)
+
+
+def _tokenize_prompts(body: CompletionRequest, tokenizer: Any, vocab_size: int) -> list[tuple[str | None, list[int]]]:
+    """The tokenizer thread's work: token ids, and the text of id prompts when echo returns it."""
+    prompts = prompt_token_ids(body.prompt, tokenizer, vocab_size, body.add_special_tokens)
+    if body.echo:
+        prompts = [(t if t is not None else tokenizer.decode(ids), ids) for t, ids in prompts]
+    return prompts
+
+
 async def create_completion(state: ServerState, request: Request) -> Response:
-    body = await read_body(request, CompletionRequest, state.server_config.max_body_bytes)
+    cfg = state.server_config
+    body = await read_body(request, CompletionRequest, cfg.max_body_bytes, cfg.max_json_depth)
     check_ready(state)
     model = check_model(state, body.model)
     check_generate(state, model)
@@ -65,11 +86,13 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     if body.suffix:
         raise invalid_param("suffix", "invalid suffix: insertion (suffix) is not supported")
     info = engine.model_info
-    prompts = prompt_token_ids(body.prompt, engine.tokenizer, info.vocab_size, body.add_special_tokens)
-    if body.echo:
-        # The echoed prompt needs text even when given as ids.
-        prompts = [(t if t is not None else engine.tokenizer.decode(ids), ids) for t, ids in prompts]
-    elif body.max_tokens == 0:
+    if body.n * num_prompts(body.prompt) > cfg.max_seqs_per_request:
+        raise APIError(400, f"invalid prompt: {num_prompts(body.prompt)} prompts x n={body.n} is more than the "
+                       f"{cfg.max_seqs_per_request} sequences one request may start", param="prompt",
+                       code="invalid_parameter")
+    check_prompt_chars(text_chars(body.prompt), state, "prompt")
+    prompts = await run_tokenizer(state, _tokenize_prompts, body, engine.tokenizer, info.vocab_size)
+    if not body.echo and body.max_tokens == 0:
         raise invalid_param("max_tokens", "invalid max_tokens=0: must be an integer >= 1 (0 only with echo=true, "
                                           "which returns the prompt alone, e.g. to score it with logprobs)")
     # vLLM's rules: echo with logprobs scores the prompt too; max_tokens 0 with echo generates one token that
@@ -78,7 +101,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     if num_prompt_lps is None and body.echo:
         num_prompt_lps = body.logprobs
     max_tokens = 1 if body.echo and body.max_tokens == 0 else body.max_tokens
-    params = [sampling_params(body, max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt", num_prompt_lps)
+    params = [sampling_params(body, max_tokens, body.logprobs, len(ids), info.max_model_len, "prompt", num_prompt_lps,
+                              vocab_size=info.vocab_size, limits=cfg)
               for _, ids in prompts]
     if constraint is not None:
         params = [with_constraint(p, constraint) for p in params]

@@ -9,12 +9,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.errors import EngineDeadError
-from tokenmill.server.errors import APIError, context_length_exceeded, engine_dead, invalid_param
+from tokenmill.server.errors import (
+    APIError,
+    context_length_exceeded,
+    engine_dead,
+    invalid_param,
+)
 from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.serving_completions import prompt_token_ids
 from tokenmill.server.serving_engine import check_model, check_ready, read_body
 from tokenmill.server.state import ServerState
 from tokenmill.server.streaming import until_disconnect
+from tokenmill.server.tokenizer_pool import (
+    check_prompt_chars,
+    run_tokenizer,
+    text_chars,
+)
 
 
 async def create_embedding(state: ServerState, request: Request) -> Response:
@@ -26,7 +36,11 @@ async def create_embedding(state: ServerState, request: Request) -> Response:
     if info.task != "embed":
         raise APIError(400, f"The model `{model}` is a generation model; /v1/embeddings needs an embedding "
                        "model (serve one, e.g. an all-MiniLM-L6-v2 folder).", param="model", code="wrong_task")
-    inputs = prompt_token_ids(body.input, engine.tokenizer, info.vocab_size, True, param="input")
+    # each input is one sequence (a batch may hold many short ones): the text bound applies per input
+    for text in body.input if isinstance(body.input, list) else [body.input]:
+        check_prompt_chars(text_chars(text), state, "input")
+    inputs = await run_tokenizer(state, prompt_token_ids, body.input, engine.tokenizer, info.vocab_size, True,
+                                 param="input")
     for _, ids in inputs:
         if len(ids) > info.max_model_len:
             raise context_length_exceeded(len(ids), None, info.max_model_len, "input")

@@ -4,18 +4,16 @@ admission (429), and running one engine request while recording metrics and abor
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import Request
-from pydantic import BaseModel, ValidationError
-
+from tokenmill.config import ServerConfig
 from tokenmill.engine.errors import EngineDeadError, RequestError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.body import read_body  # noqa: F401 - re-exported: handlers and batch/ import it here
 from tokenmill.server.errors import (
     APIError,
     context_length_exceeded,
@@ -23,46 +21,12 @@ from tokenmill.server.errors import (
     invalid_param,
     model_not_found,
     unavailable,
-    validation_message,
 )
 from tokenmill.server.metrics import RequestTiming
 from tokenmill.server.request_log import RequestSummary, log_finished, log_received
 from tokenmill.server.state import ServerState
 
-M = TypeVar("M", bound=BaseModel)
 _FIELD_RE = re.compile(r"invalid (\w+)=")
-
-
-async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
-    """Read and validate a JSON body: 413 over the limit, 400 for bad UTF-8 / JSON / fields (never 422)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {max_bytes} bytes.",
-                       code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"Request body exceeds the limit of {max_bytes} bytes.", code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
-                       code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"Request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        msg, param = validation_message(exc)
-        raise APIError(400, msg, param=param, code="invalid_parameter") from None
 
 
 def check_ready(state: ServerState) -> None:
@@ -73,7 +37,7 @@ def check_ready(state: ServerState) -> None:
             raise engine_dead(state.load_error)
         raise unavailable("The model is still loading; retry shortly (GET /health turns 200 when ready).")
     if state.engine.errored:
-        raise engine_dead()
+        raise engine_dead(state.load_error or state.engine.dead_reason)
 
 
 def check_generate(state: ServerState, model: str) -> None:
@@ -90,8 +54,10 @@ def check_model(state: ServerState, model: str | None) -> str:
 
 
 def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num_prompt_tokens: int,
-                    max_model_len: int, prompt_param: str, prompt_logprobs: int | None = None) -> SamplingParams:
-    """SamplingParams from a request body; ValueError -> 400 naming the field; 400 when too long."""
+                    max_model_len: int, prompt_param: str, prompt_logprobs: int | None = None, *,
+                    vocab_size: int | None = None, limits: ServerConfig | None = None) -> SamplingParams:
+    """SamplingParams from a request body; ValueError -> 400 naming the field; 400 when too long.
+    With vocab_size / limits: token ids checked against the vocabulary, list sizes against the limits."""
     if max_tokens is not None and max_tokens < 1:
         raise invalid_param("max_tokens", f"invalid max_tokens={max_tokens}: must be an integer >= 1")
     if num_prompt_tokens == 0:
@@ -112,6 +78,7 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
             if not k.lstrip("-").isdigit():
                 raise invalid_param("logit_bias", f"invalid logit_bias key {k!r}: keys must be token ids")
             bias[int(k)] = v
+    check_sizes(body, bias, vocab_size, limits or ServerConfig())
     kwargs: dict[str, Any] = {
         "n": body.n,
         "max_tokens": max_tokens,
@@ -125,6 +92,7 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
         "logit_bias": bias,
         "skip_special_tokens": body.skip_special_tokens,
         "include_stop_str_in_output": body.include_stop_str_in_output,
+        "cache_salt": body.cache_salt,
     }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):
@@ -136,6 +104,28 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num
     except ValueError as exc:
         m = _FIELD_RE.search(str(exc))
         raise invalid_param(m.group(1) if m else "body", str(exc)) from None
+
+
+def check_sizes(body: Any, bias: dict[int, float] | None, vocab_size: int | None, limits: ServerConfig) -> None:
+    """Token ids inside the vocabulary and lists within the server's bounds (each checked on every step)."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stop) > limits.max_stop_strings or sum(map(len, stop)) > limits.max_stop_chars:
+        raise invalid_param("stop", f"invalid stop: {len(stop)} strings of {sum(map(len, stop))} characters; at "
+                            f"most {limits.max_stop_strings} strings of {limits.max_stop_chars} characters in all "
+                            "are accepted (OpenAI accepts 4)")
+    ids = body.stop_token_ids or []
+    if len(ids) > limits.max_stop_token_ids:
+        raise invalid_param("stop_token_ids", f"invalid stop_token_ids: {len(ids)} ids; at most "
+                            f"{limits.max_stop_token_ids} are accepted")
+    if bias and len(bias) > limits.max_logit_bias:
+        raise invalid_param("logit_bias", f"invalid logit_bias: {len(bias)} entries; at most "
+                            f"{limits.max_logit_bias} are accepted")
+    if vocab_size is None:
+        return
+    for name, tokens in (("stop_token_ids", ids), ("logit_bias", bias or ())):
+        bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise invalid_param(name, f"invalid {name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 class Reservation:
@@ -234,9 +224,9 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
             raise engine_dead(str(exc)) from exc
         except RequestError as exc:
             finished.update({i: "error" for i in range(params.n) if i not in finished})
-            http_status = 500
-            raise APIError(500, f"the engine failed this request: {exc}", "internal_error",
-                           code="request_failed") from exc
+            err = request_failed(exc)
+            http_status = err.status
+            raise err from exc
         except ValueError as exc:
             http_status = 400
             raise invalid_param("prompt", str(exc)) from exc
@@ -258,6 +248,26 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
         log_finished(RequestSummary(request_id, reason, http_status, len(prompt_ids), num_out, num_cached, ttft,
                                     now - timing.arrival))
         await stream.aclose()  # aborts the request in the core if it is still running
+
+
+# A 5xx that only this request caused carries this header, so a gateway does not count it against the
+# replica (tokenmill.gateway.proxy.ERROR_SCOPE_HEADER: the same name, the gateway imports no server code).
+ERROR_SCOPE_HEADER = "x-tokenmill-error-scope"
+
+
+def request_failed(exc: RequestError) -> APIError:
+    """The engine failed one request (others continue): 400 when the request itself can never be served,
+    else a 500 marked as this request's alone. A model runner error stays an unmarked 500: it failed a
+    whole batch and may be the replica's fault (a gateway counts it and may eject the replica)."""
+    msg = str(exc)
+    if "more than the cache holds" in msg:  # scheduler: prompt + output can never fit in the KV cache
+        return APIError(400, f"prompt: the prompt plus max_tokens needs more KV cache than this server holds; "
+                        f"send a shorter prompt or fewer max_tokens ({msg})",
+                        "invalid_request_error", param="prompt", code="context_length_exceeded")
+    if msg.startswith("model runner error"):
+        return APIError(500, f"the engine failed this request: {msg}", "internal_error", code="request_failed")
+    return APIError(500, f"the engine failed this request: {msg}", "internal_error", code="request_failed",
+                    headers={ERROR_SCOPE_HEADER: "request"})
 
 
 def _scheduled_time(engine: Any, request_id: str, timing: RequestTiming, arrival_wall: float) -> float:

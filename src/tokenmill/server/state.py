@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +14,10 @@ from tokenmill.server.metrics import ServerMetrics
 
 @dataclass(slots=True)
 class ServerState:
-    """Invariants: `engine` is None until the core reports ready; `in_flight_seqs` counts sequences of
-    requests submitted and not yet finished (each request adds its n)."""
+    """Invariants: `engine` is None until the core reports ready; after a core death it is the dead engine
+    (errored) until the restarted one replaces it (server/core_supervisor.py). `in_flight_seqs` counts
+    sequences of requests submitted and not yet finished (each request adds its n). `load_error` is set
+    when there is nothing left to serve: the first load failed, or the core-restart budget is spent."""
 
     engine_config: EngineConfig
     server_config: ServerConfig
@@ -26,9 +29,14 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False
     in_flight_seqs: int = 0
+    core_restarts: int = 0  # engine cores started after the first one died
+    batch: Any = None  # tokenmill.batch.worker.BatchWorker: the files / batches store and job loop
     last_num_waiting: int = 0
     created: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # tokenization and chat rendering run here, off the event loop (server/tokenizer_pool.py)
+    tokenizer_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="tokenmill-tokenize"))
 
     @property
     def model_name(self) -> str:
