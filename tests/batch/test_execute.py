@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from tests.batch.conftest import make_state
-from tokenmill.batch.execute import effective_priority, execute_line
+from tokenmill.batch.execute import HANDLERS, effective_priority, execute_line
+from tokenmill.batch.validate import SUPPORTED_ENDPOINTS
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
 
@@ -42,3 +43,7 @@ def test_a_line_cannot_raise_its_priority_above_the_batch():
     assert effective_priority({"priority": -5}, 1) == 1
     assert effective_priority({"priority": 7}, 1) == 7
     assert effective_priority({"priority": True}, 1) == 1
+
+
+def test_every_endpoint_validation_accepts_has_a_handler():
+    assert set(HANDLERS) == set(SUPPORTED_ENDPOINTS)

@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from tests.fixtures.polling import wait_until  # noqa: F401 - the gateway tests import it from here
 from tokenmill.gateway.actuators import free_port
 from tokenmill.gateway.app import Gateway, create_app
 from tokenmill.gateway.config import GatewayConfig
@@ -129,10 +130,3 @@ def gateways() -> Iterator[list[GatewayHandle]]:
         g.stop()
 
 
-def wait_until(pred, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")

@@ -10,13 +10,13 @@ import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fixtures.polling import wait_until
 from tests.fixtures.servers import TINY_SERVER_FLAGS, start_server
 from tokenmill import SamplingParams
 from tokenmill.config import ServerConfig
@@ -102,16 +102,6 @@ def test_supervisor_restarts_dead_engine_then_gives_up(tiny_llama_dir):
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def _poll(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
-
-
 def _core_pid(server) -> int | None:
     try:
         pid = httpx.get(server.url + "/debug/stats", timeout=5).json().get("core_pid")
@@ -150,7 +140,7 @@ def test_sigkill_core_restarts_then_exits_past_the_limit(tiny_llama_dir, tmp_pat
         assert httpx.get(url + "/health").status_code == 503
 
         # 2. the new core serves again, with the same greedy output
-        _poll(lambda: httpx.get(url + "/health").status_code == 200, 120, "/health 200 after the restart")
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 120, "/health 200 after the restart")
         second_core = _core_pid(server)
         assert second_core not in (None, first_core) and not psutil.pid_exists(first_core)
         after = httpx.post(url + "/v1/completions", json=greedy, timeout=30)
@@ -164,7 +154,7 @@ def test_sigkill_core_restarts_then_exits_past_the_limit(tiny_llama_dir, tmp_pat
         t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/completions", json=long,
                                                                         timeout=60)))
         t.start()
-        _poll(lambda: _num_running(server) > 0, 30, "the long request running")
+        wait_until(lambda: _num_running(server) > 0, 30, "the long request running")
         os.kill(second_core, signal.SIGKILL)
         t.join(60)
         r = result["r"]

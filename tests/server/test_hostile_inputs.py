@@ -9,7 +9,6 @@ import http.client
 import json
 import math
 import socket
-import time
 from urllib.parse import urlparse
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fixtures.polling import wait_until
 from tokenmill.server.body import parse_json_object
 from tokenmill.server.errors import APIError
 
@@ -181,16 +181,6 @@ def _stats(url: str) -> dict:
     return httpx.get(url + "/debug/stats", timeout=10).json()
 
 
-def _poll(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_client_disconnect_aborts_the_request_and_frees_its_kv(tiny_server):
     """A non-streamed request whose client leaves while it runs is aborted in the engine (it does not run to
     max_tokens) and every KV block comes back, without an error traceback in the server log."""
@@ -203,14 +193,15 @@ def test_client_disconnect_aborts_the_request_and_frees_its_kv(tiny_server):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
-        _poll(lambda: _stats(tiny_server.url)["engine"]["num_running"] > 0, 60, "the request to be scheduled")
+        wait_until(lambda: _stats(tiny_server.url)["engine"]["num_running"] > 0, 60, "the request to be scheduled",
+                   interval_s=0.02)
         running = _stats(tiny_server.url)["engine"]
         assert running["num_blocks_free"] < running["num_blocks_total"]  # it holds KV now
     finally:
         sock.close()
-    after = _poll(lambda: (s := _stats(tiny_server.url)) and s["in_flight_seqs"] == 0
+    after = wait_until(lambda: (s := _stats(tiny_server.url)) and s["in_flight_seqs"] == 0
                   and s["engine"]["num_running"] == 0 and s["engine"]["num_waiting"] == 0 and s, 60,
-                  "the aborted request to leave the engine")
+                  "the aborted request to leave the engine", interval_s=0.02)
     engine = after["engine"]
     assert engine["num_blocks_free"] == engine["num_blocks_total"]
     generated = engine["num_generation_tokens"] - before["num_generation_tokens"]

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from tokenmill.batch.validate import SUPPORTED_ENDPOINTS
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_completions import create_completion
@@ -26,12 +27,11 @@ from tokenmill.server.state import ServerState
 log = logging.getLogger("tokenmill.batch")
 
 Handler = Callable[[ServerState, Request], Awaitable[Response]]
-HANDLERS: dict[str, Handler] = {
+HANDLERS: dict[str, Handler] = {  # one per batch/validate.py SUPPORTED_ENDPOINTS
     "/v1/chat/completions": create_chat_completion,
     "/v1/completions": create_completion,
     "/v1/embeddings": create_embedding,
 }
-SUPPORTED_ENDPOINTS = tuple(HANDLERS)
 
 
 def _request(endpoint: str, raw: bytes) -> Request:
