@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.model.test_paged_attention import MIXES, _case
+from tests.model.test_paged_attention import MIXES, MQ_MIXES, PROPS, SEQS, _case
 from tokenmill.kernels.cpu_features import host_cpu_features
 from tokenmill.kernels.cpu_kernels import X86_VARIANTS, load_cpu_kernels, variants_for
 from tokenmill.kernels.paged_attention import paged_attention
 from tokenmill.kernels.reference import paged_attention_reference
-
 
 # Every instruction-set variant this machine can execute (AVX-512, AVX2 and the x86-64 baseline on an AVX-512
 # machine; AVX2 and baseline on an AVX2 one): the narrower paths are tested wherever the suite runs.
@@ -80,6 +81,41 @@ def test_native_decode_reads_a_bf16_cache(cpu_kernels, block_size, window, mix, 
         torch.testing.assert_close(got.float()[idx], want[idx].to(q_dtype).float(), atol=1e-5, rtol=BF16_ULP)
 
 
+@pytest.mark.parametrize(("block_size", "window", "mix", "heads"), [
+    *[(bs, w, mix, h) for bs in (16, 5) for w in (None, 4, 11) for mix in range(len(MQ_MIXES))
+      for h in ((6, 1, 40), (4, 2, 8))],
+    (16, None, 0, (4, 1, 256)), (16, 11, 2, (4, 1, 256)),  # Gemma 3 270M's shapes: global and sliding layers
+])
+def test_native_multi_query_decode_matches_reference(cpu_kernels, block_size, window, mix, heads):
+    """Several queries per sequence (speculative verification) in the native kernel, beside plain decodes."""
+    num_heads, kv_heads, dim = heads
+    q, k, v, kc, vc, meta = _case(block_size, window, MQ_MIXES[mix], heads=num_heads, kv_heads=kv_heads, dim=dim,
+                                  seed=mix)
+    assert meta.plan(q.dtype).decode_q_start is not None
+    want = paged_attention_reference(q, kc, vc, meta, dim**-0.5, window)
+    torch.testing.assert_close(paged_attention(q, k, v, kc, vc, meta, dim**-0.5, cpu_kernels), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 11])
+@pytest.mark.parametrize("mix", range(len(MQ_MIXES)))
+def test_native_multi_query_decode_reads_a_bf16_cache(cpu_kernels, window, mix):
+    q, k, v, kc, vc, meta = _case(16, window, MQ_MIXES[mix], heads=4, kv_heads=1, dim=32, seed=mix)
+    q, k, v, kc, vc = q.bfloat16(), k.bfloat16(), v.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    want = paged_attention_reference(q.float(), kc.float(), vc.float(), meta, 32**-0.5, window)
+    got = paged_attention(q, k, v, kc, vc, meta, 32**-0.5, cpu_kernels)
+    idx = meta.plan(q.dtype).decode_token_idx  # decode rows read the same (bf16) cache as the oracle
+    torch.testing.assert_close(got.float()[idx], want[idx].bfloat16().float(), atol=1e-5, rtol=BF16_ULP)
+
+
+@given(seqs=SEQS, block_size=st.sampled_from([1, 3, 16]), window=st.sampled_from([None, 1, 2, 5, 16]),
+       heads=st.sampled_from([(4, 2, 8), (4, 1, 24), (3, 3, 16)]), seed=st.integers(0, 2**16))
+@settings(PROPS, max_examples=20)
+def test_native_matches_reference_on_random_steps(cpu_kernels, seqs, block_size, window, heads, seed):
+    q, k, v, kc, vc, meta = _case(block_size, window, seqs, heads=heads[0], kv_heads=heads[1], dim=heads[2], seed=seed)
+    want = paged_attention_reference(q, kc, vc, meta, 0.3, window)
+    torch.testing.assert_close(paged_attention(q, k, v, kc, vc, meta, 0.3, cpu_kernels), want, atol=1e-5, rtol=1e-5)
+
+
 def test_native_decode_rejects_bad_inputs(cpu_kernels):
     q = torch.randn(2, 4, 8)
     kc = torch.randn(3, 4, 2, 8)
@@ -91,6 +127,16 @@ def test_native_decode_rejects_bad_inputs(cpu_kernels):
         cpu_kernels.decode_attention(torch.randn(2, 4, 16), kc, kc, blocks, pos, pos, pos + 1, 1.0)
     with pytest.raises(ValueError, match="blocks must be"):
         cpu_kernels.decode_attention(q, kc, kc, blocks[:1], pos, pos, pos + 1, 1.0)
+    # several rows per sequence: q_start [B + 1] must rise from 0 to the number of rows
+    rows = torch.randn(5, 4, 8)
+    lo, ctx = torch.zeros(5, dtype=torch.long), torch.tensor([2, 3, 4, 3, 4])
+    ok = cpu_kernels.decode_attention(rows, kc, kc, blocks, pos, lo, ctx, 1.0, torch.tensor([0, 3, 5]))
+    assert ok.shape == rows.shape and torch.isfinite(ok).all()
+    for bad in ([0, 3, 6], [1, 3, 5], [0, 6, 5]):
+        with pytest.raises(ValueError, match="q_start must rise from 0 to 5"):
+            cpu_kernels.decode_attention(rows, kc, kc, blocks, pos, lo, ctx, 1.0, torch.tensor(bad))
+    with pytest.raises(ValueError, match="lo/ctx"):
+        cpu_kernels.decode_attention(rows, kc, kc, blocks, pos, lo[:2], ctx, 1.0, torch.tensor([0, 3, 5]))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1000), (2, 262_145), (4, 512), (1, 513)])

@@ -60,17 +60,45 @@ def test_dequantize_rows_matches_reference(cpu_kernels, qtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_int8_gemm_matches_reference(cpu_kernels, qtype, rows):
-    """Rows go 4 at a time (1-4 and remainders); n = 37 splits unevenly over threads."""
-    w = _weight(qtype, 37, 512, seed=rows)
-    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
-    out = torch.empty(rows, 37)
+def _int8(cpu_kernels, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"))
     cpu_kernels.quant.linear(x, cpu_kernels.quant.plan([(0, w)]), out, int8=True)
-    q, d, _ = ref.quantize_activations(x)
-    x_hat = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(rows, -1)
-    _assert_product_close(out, ref.gemm_int8(x, w), x_hat, w)
+    return out
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
+    """1-17 rows: up to 4 share each weight block in registers, more run 4 at a time over a buffered weight
+    row (remainders 1-3). n = 37 splits unevenly over threads; k = 768 gives the K-quants an odd block count
+    (the last block's accumulator set), k = 544 the 32-weight types."""
+    k = 544 if qtype.endswith("_0") else 768
+    w = _weight(qtype, 37, k, seed=threads)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(threads))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in range(1, 18) if threads == 1 else (1, 3, 5, 9, 16, 17):  # (2 threads: slow on a busy machine)
+            xr = x[:rows].contiguous()
+            q, d, _ = ref.quantize_activations(xr)
+            x_hat = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(rows, -1)
+            _assert_product_close(_int8(cpu_kernels, xr, w), ref.gemm_int8(xr, w), x_hat, w)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+def test_int8_row_result_does_not_depend_on_row_count(cpu_kernels, qtype):
+    """Bit for bit: a row computed alone, with 3 others (weights in registers) or with 16 others (buffered
+    weight rows, groups of 4) gives the same float32 output, so verifying speculative drafts in one step
+    reproduces plain decode's logits exactly."""
+    k = 544 if qtype.endswith("_0") else 768  # odd block counts: the last block's accumulator set
+    w = _weight(qtype, 29, k, seed=7)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(7)) * torch.logspace(-2, 2, 17).unsqueeze(1)
+    together = _int8(cpu_kernels, x, w)
+    for rows in (1, 4, 5, 9):
+        part = _int8(cpu_kernels, x[-rows:].contiguous(), w)
+        assert torch.equal(part, together[-rows:]), f"{rows} rows"
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
@@ -99,10 +127,11 @@ def test_int8_error_is_the_activation_rounding(cpu_kernels):
     assert (out.double() - exact).abs().max() > 0  # the path really quantized the activations
 
 
-@pytest.mark.parametrize("rows", [3, 12])
+@pytest.mark.parametrize("rows", [3, 12, 20])
 def test_quantized_linear_writes_mixed_parts_into_one_output(cpu_kernels, rows):
     """A fused layer whose shards differ in type (q/k Q5_0, v Q8_0 as in llama.cpp's mixes), bias, bf16 input;
-    3 rows take the int8 kernel, 12 the panels."""
+    3 rows take the int8 kernel (weights in registers), 12 the int8 kernel over buffered weight rows, 20 the
+    panels."""
     parts = [(0, _weight("Q5_0", 48, 256, 1)), (48, _weight("Q8_0", 16, 256, 2)), (64, _weight("Q6_K", 16, 256, 3))]
     bias = torch.randn(80)
     layer = QuantizedLinear(cpu_kernels.quant, parts, bias)

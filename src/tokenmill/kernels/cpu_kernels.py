@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ ENV_VAR = "TOKENMILL_CPU_KERNELS"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "panel_gemm.cpp", "quant_gemm.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("wide_vector.h", "panel_kernel.h")]  # part of the build key, not compiled alone
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class CpuKernels:
         self.path = path
         self.variant = variant
         self.quant = QuantKernels(lib)  # GGUF-block products (kernels/quant_kernels.py)
-        decode_args = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p,
+        decode_args = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p, _i64p,
                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
         self._decode = {torch.float32: _fn(lib.decode_attention_f32, decode_args),
                         torch.bfloat16: _fn(lib.decode_attention_bf16, decode_args)}
@@ -185,27 +186,40 @@ class CpuKernels:
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          blocks: torch.Tensor, first_pos: torch.Tensor, lo: torch.Tensor, ctx: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-        """q [B, Hq, D] -> [B, Hq, D] float32; sequence b attends to positions lo[b] <= p < ctx[b], found in
-        blocks[b, (p - first_pos[b]) // block_size] of the [N, block_size, Hkv, D] caches (float32 or bf16)."""
-        bsz, num_heads, head_dim = q.shape
-        num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
+                         scale: float, q_start: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, Hq, D] -> [T, Hq, D] float32: query row r attends to positions lo[r] <= p < ctx[r] of its
+        sequence b, found in blocks[b, (p - first_pos[b]) // block_size] of the [N, block_size, Hkv, D] caches
+        (float32 or bf16). Sequence b owns rows q_start[b] .. q_start[b+1]-1 (q_start [B+1], e.g. 1 + k rows
+        when k drafts are verified); without q_start every sequence has one row (T = B)."""
+        rows, num_heads, head_dim = q.shape
+        _, block_size, num_kv_heads, cache_dim = k_cache.shape
         if cache_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
             raise ValueError(f"decode_attention: shapes q {tuple(q.shape)} / cache {tuple(k_cache.shape)} disagree")
         cache_dtype = k_cache.dtype if k_cache.dtype in self._decode else torch.float32
         for name, t, dtype in (("q", q, torch.float32), ("k_cache", k_cache, cache_dtype),
                                ("v_cache", v_cache, cache_dtype), ("blocks", blocks, torch.int64),
-                               ("first_pos", first_pos, torch.int64), ("lo", lo, torch.int64), ("ctx", ctx, torch.int64)):
-            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                               ("first_pos", first_pos, torch.int64), ("lo", lo, torch.int64), ("ctx", ctx, torch.int64),
+                               ("q_start", q_start, torch.int64)):
+            if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
                 raise ValueError(f"decode_attention: {name} must be a contiguous CPU {dtype} tensor")
-        if blocks.dim() != 2 or blocks.shape[0] != bsz or not (first_pos.numel() == lo.numel() == ctx.numel() == bsz):
-            raise ValueError("decode_attention: blocks must be [B, nb] and first_pos/lo/ctx [B]")
+        bsz = rows if q_start is None else q_start.numel() - 1
+        if blocks.dim() != 2 or blocks.shape[0] != bsz or first_pos.numel() != bsz or not (lo.numel() == ctx.numel() == rows):
+            raise ValueError("decode_attention: blocks must be [B, nb], first_pos [B] and lo/ctx [T]")
+        if q_start is not None and _bad_starts(q_start, rows):
+            raise ValueError(f"decode_attention: q_start must rise from 0 to {rows} (the rows of q)")
         out = torch.empty_like(q)
         self._decode[cache_dtype](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(),
-                     blocks.shape[1], first_pos.data_ptr(), lo.data_ptr(), ctx.data_ptr(),
-                     bsz, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(),
-                     torch.get_num_threads())
+                     blocks.shape[1], first_pos.data_ptr(), 0 if q_start is None else q_start.data_ptr(),
+                     lo.data_ptr(), ctx.data_ptr(), bsz, num_heads, num_kv_heads, head_dim, block_size, scale,
+                     out.data_ptr(), torch.get_num_threads())
         return out
+
+
+def _bad_starts(q_start: torch.Tensor, rows: int) -> bool:
+    """Sequence row offsets must start at 0, end at the row count and never fall (the kernel trusts them).
+    A list check: a few tensor ops would cost more than the attention of a short step."""
+    starts = q_start.tolist()
+    return not starts or starts[0] != 0 or starts[-1] != rows or any(a > b for a, b in itertools.pairwise(starts))
 
 
 def _fn(f, argtypes: list) -> ctypes._CFuncPtr:
@@ -262,7 +276,7 @@ def _build_and_load(compiler: str, variant: Variant) -> CpuKernels | None:
         # Without OpenMP (e.g. Apple clang) the pragmas are ignored: same results, one thread per kernel.
         for fl in (flags, [f for f in flags if f != "-fopenmp"]):
             cmd = [compiler, *fl, *map(str, _SOURCES), "-o", str(tmp / "libtokenmill_cpu.so")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
             if proc.returncode == 0:
                 return
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -280,7 +294,7 @@ def _build_and_load(compiler: str, variant: Variant) -> CpuKernels | None:
 
 def _compiler_version(compiler: str) -> bytes:
     try:
-        return subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+        return subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return b""
 

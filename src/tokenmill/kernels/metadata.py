@@ -6,6 +6,7 @@ indices and masks are derived lazily on first use and cached here, so 30 layers 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -21,22 +22,34 @@ class PrefillPlan:
     mask: torch.Tensor  # [n, nb * block_size] additive float mask (0 / -inf)
 
 
+# A chunk of at most this many queries that reads earlier context joins the decode batch (speculative
+# decoding verifies 1 + k tokens per sequence): one pass over each sequence's K/V for all its queries, where
+# the per-chunk prefill path gathers the blocks and runs one SDPA call per sequence.
+MAX_DECODE_QUERIES = 16
+
+
 @dataclass(slots=True)
 class FastPlan:
     """Gather indices and masks shared by every layer of a group for one step.
 
     K/V are gathered whole blocks at a time (block_size contiguous rows per index) rather than per slot.
+    The decode batch: B sequences with 1..MAX_DECODE_QUERIES queries each (T rows in all, sequence by
+    sequence), every one but a one-token prompt reading earlier context.
     """
 
-    decode_token_idx: torch.Tensor | None  # [B] flat token index of each single-token sequence
+    decode_token_idx: torch.Tensor | None  # [T] flat token index of each decode row
     decode_blocks: torch.Tensor | None  # [B, nb] block ids (padding and out-of-window entries masked)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] additive float mask
+    decode_mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive float mask (Q: most queries of a seq)
     decode_is_all: bool  # every token of the step is a decode, in order: skip the scatter
-    # For the native decode kernel: blocks[b, 0] starts at position decode_first_pos[b]; sequence b sees
-    # positions decode_lo[b] <= p < decode_ctx[b]. Host int64 tensors [B] (None without decodes).
+    # For the native decode kernel: blocks[b, 0] starts at position decode_first_pos[b] ([B]); row r sees
+    # positions decode_lo[r] <= p < decode_ctx[r] ([T]). Host int64 tensors (None without decodes).
     decode_first_pos: torch.Tensor | None = None
     decode_lo: torch.Tensor | None = None
     decode_ctx: torch.Tensor | None = None
+    # Only when some sequence has several queries (else None: one row per sequence, T = B):
+    decode_q_start: torch.Tensor | None = None  # host [B + 1]: sequence b owns rows q_start[b] .. q_start[b+1]-1
+    decode_pad_rows: torch.Tensor | None = None  # [B * Q] row per padded query slot (short seqs repeat their last)
+    decode_unpad: torch.Tensor | None = None  # [T] padded slot (b * Q + j) of each row
     prefills: list[PrefillPlan] = field(default_factory=list)  # chunks that read earlier context
     # Chunks starting at position 0 (no window cut), grouped by length: one batched causal SDPA per group
     # (one call per sequence is several times slower on CPU). Each entry: (first token indices [S], n).
@@ -109,13 +122,16 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
     window = m.sliding_window
     neg_inf = torch.tensor(float("-inf"), dtype=dtype)
     zero = torch.tensor(0.0, dtype=dtype)
-    decodes = [s for s in range(len(m.seq_lens)) if m.query_start_loc[s + 1] - m.query_start_loc[s] == 1]
+    qsl = m.query_start_loc
+    query_lens = [qsl[s + 1] - qsl[s] for s in range(len(m.seq_lens))]
+    decodes = [s for s, n in enumerate(query_lens) if n == 1 or (1 < n <= MAX_DECODE_QUERIES and m.start_pos[s] > 0)]
     prefills: list[PrefillPlan] = []
     fresh: dict[int, list[int]] = {}
+    in_decodes = set(decodes)
     for s in range(len(m.seq_lens)):
-        q_lo, q_hi = m.query_start_loc[s], m.query_start_loc[s + 1]
+        q_lo, q_hi = qsl[s], qsl[s + 1]
         n = q_hi - q_lo
-        if n <= 1:
+        if n == 0 or s in in_decodes:
             continue
         start, ctx = m.start_pos[s], m.seq_lens[s]
         if start == 0 and (window is None or n <= window):
@@ -132,22 +148,57 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
         prefills.append(PrefillPlan(q_lo, q_hi, blocks.to(device), torch.where(visible, zero, neg_inf).to(device)))
     groups = []
     for n, starts in fresh.items():
-        contiguous = all(b - a == n for a, b in zip(starts, starts[1:]))
+        contiguous = all(b - a == n for a, b in itertools.pairwise(starts))
         groups.append((starts, torch.tensor(starts, dtype=torch.long).to(device), n, contiguous))
     if not decodes:
         return FastPlan(None, None, None, False, prefills=prefills, fresh_groups=groups)
+    plan = FastPlan(None, None, None, len(decodes) == len(m.seq_lens), prefills=prefills, fresh_groups=groups)
+    _plan_decodes(plan, m, decodes, [query_lens[s] for s in decodes], zero, neg_inf)
+    return plan
+
+
+def _plan_decodes(plan: FastPlan, m: AttentionMetadata, decodes: list[int], nq: list[int], zero: torch.Tensor,
+                  neg_inf: torch.Tensor) -> None:
+    """Fill the decode-batch fields of plan: sequences `decodes`, nq[i] queries each (the last of the context)."""
+    device = m.slot_mapping.device
+    bt, bs, window = m.block_tables, m.block_size, m.sliding_window
     rows = torch.tensor(decodes)
     ctx = torch.tensor([m.seq_lens[s] for s in decodes], dtype=torch.long)
-    lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
+    num_q = max(nq)
+    n = torch.tensor(nq, dtype=torch.long) if num_q > 1 else None
+    first_q = ctx - 1 if n is None else ctx - n  # position of each sequence's first query
+    # The first query sees the most of the past: its window start bounds the blocks every query needs.
+    lo = (first_q + 1 - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
     first_block = lo // bs
     num_blocks = int(((ctx - 1) // bs - first_block).max()) + 1
     block_idx = first_block[:, None] + torch.arange(num_blocks)[None, :]  # [B, nb]
     in_table = block_idx < bt.shape[1]
     blocks = torch.where(in_table, bt[rows[:, None], block_idx.clamp(max=bt.shape[1] - 1)], torch.zeros_like(block_idx))
-    key_pos = (block_idx[:, :, None] * bs + torch.arange(bs)[None, None, :]).reshape(len(decodes), -1)
-    visible = (key_pos < ctx[:, None]) & (key_pos >= lo[:, None])
-    mask = torch.where(visible, zero, neg_inf)[:, None, None, :]
-    token_idx = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
-    is_all = len(decodes) == len(m.seq_lens) and m.query_start_loc[-1] == len(decodes)
-    return FastPlan(token_idx.to(device), blocks.to(device), mask.to(device), is_all, first_block * bs, lo, ctx,
-                    prefills=prefills, fresh_groups=groups)
+    key_pos = (block_idx[:, :, None] * bs + torch.arange(bs)[None, None, :]).reshape(len(decodes), 1, -1)
+    starts = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
+    if n is None:
+        q_pos = first_q[:, None]  # [B, 1]
+        token_idx, row_lo, row_ctx = starts, lo, ctx
+    else:
+        # Padded slot j of sequence b holds query min(j, n[b] - 1): padding repeats a real query (a fully
+        # masked row would make SDPA return NaN) and is dropped again by decode_unpad.
+        j = torch.minimum(torch.arange(num_q)[None, :], n[:, None] - 1)  # [B, Q]
+        q_pos = first_q[:, None] + j
+        q_start = torch.zeros(len(decodes) + 1, dtype=torch.long)
+        torch.cumsum(n, 0, out=q_start[1:])
+        seq_of_row = torch.repeat_interleave(torch.arange(len(decodes)), n)
+        j_row = torch.arange(int(q_start[-1])) - q_start[:-1][seq_of_row]
+        row_pos = first_q[seq_of_row] + j_row
+        token_idx = starts[seq_of_row] + j_row
+        row_ctx = row_pos + 1
+        row_lo = (row_ctx - window).clamp(min=0) if window is not None else torch.zeros_like(row_ctx)
+        plan.decode_q_start = q_start
+        plan.decode_pad_rows = (q_start[:-1, None] + j).reshape(-1).to(device)
+        plan.decode_unpad = (seq_of_row * num_q + j_row).to(device)
+    visible = key_pos <= q_pos[:, :, None]  # [B, Q, K]
+    if window is not None:
+        visible &= q_pos[:, :, None] - key_pos < window
+    plan.decode_token_idx = token_idx.to(device)
+    plan.decode_blocks = blocks.to(device)
+    plan.decode_mask = torch.where(visible, zero, neg_inf)[:, None].to(device)
+    plan.decode_first_pos, plan.decode_lo, plan.decode_ctx = first_block * bs, row_lo, row_ctx

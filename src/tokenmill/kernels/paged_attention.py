@@ -1,9 +1,11 @@
 """Fast paged attention in PyTorch: batched decodes, one SDPA per prefill chunk.
 
-Decodes (sequences with one query token) run the native CPU kernel when it is loaded (float32 or bf16
-caches on CPU: it reads each visible K/V slot once, straight from the cache blocks); otherwise they gather their K/V whole
-blocks at a time into a padded [B, nb * block_size, Hkv, D] batch and attend with one masked SDPA call
-over strided views (no transpose copies; GQA handled by SDPA). A prefill chunk that starts at position 0
+Decodes (sequences with one query token, or a few after earlier context: speculative verification, see
+metadata.MAX_DECODE_QUERIES) run the native CPU kernel when it is loaded (float32 or bf16 caches on CPU: it
+reads each visible K/V slot once for all the sequence's queries, straight from the cache blocks); otherwise
+they gather their K/V whole blocks at a time into a padded [B, nb * block_size, Hkv, D] batch and attend with
+one masked SDPA call over strided views (no transpose copies; GQA handled by SDPA; several queries per
+sequence are padded to the longest). A prefill chunk that starts at position 0
 attends to its own fresh K/V with a causal SDPA; a later chunk gathers its visible blocks with an explicit
 mask.
 Checked against kernels/reference.py.
@@ -39,9 +41,14 @@ def paged_attention(
         if cpu_kernels is not None and _native_ok(qd, k_cache):
             dec_out = cpu_kernels.decode_attention(qd.float().contiguous(), k_cache, v_cache, plan.decode_blocks,
                                                    plan.decode_first_pos, plan.decode_lo, plan.decode_ctx,
-                                                   scale).to(q.dtype)
-        else:
+                                                   scale, plan.decode_q_start).to(q.dtype)
+        elif plan.decode_pad_rows is None:
             dec_out = _decode_sdpa(qd, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+        else:  # several queries per sequence: pad to [B, Q] query slots, one masked SDPA, drop the padding
+            bsz, num_q = plan.decode_mask.shape[0], plan.decode_mask.shape[2]
+            qp = qd.index_select(0, plan.decode_pad_rows).view(bsz, num_q, num_heads, head_dim)
+            dec_out = _decode_sdpa(qp, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+            dec_out = dec_out.reshape(bsz * num_q, num_heads, head_dim).index_select(0, plan.decode_unpad)
         if plan.decode_is_all:
             return dec_out
 
@@ -86,16 +93,18 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                  mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decodes in PyTorch: gather whole blocks into a padded [B, L, Hkv, D] batch, one masked SDPA."""
-    bsz, num_heads, head_dim = q.shape
+    """Decodes in PyTorch: gather whole blocks into a padded [B, L, Hkv, D] batch, one masked SDPA.
+    q [B, Hq, D] (one query per sequence) -> [B, Hq, D], or q [B, Q, Hq, D] -> [B, Q, Hq, D]."""
+    bsz, num_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     num_kv_heads = k_cache.shape[2]
     keys = _gather_blocks(k_cache, blocks, q.dtype).view(bsz, -1, num_kv_heads, head_dim)
     vals = _gather_blocks(v_cache, blocks, q.dtype).view(bsz, -1, num_kv_heads, head_dim)
     # SDPA reads the strided [B, Hkv, L, D] views directly (no transpose copies) and handles GQA.
-    return F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=num_heads > num_kv_heads,
-    ).view(bsz, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2) if q.dim() == 3 else q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=num_heads > num_kv_heads,
+    )
+    return out.view(bsz, num_heads, head_dim) if q.dim() == 3 else out.transpose(1, 2)
 
 
 def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -23,8 +23,11 @@ from tokenmill.model.gguf_dequant import dequantize
 
 _ATTR = "quantized_parts"
 # Rows up to which the 8-bit activation kernel runs; above it, weights are dequantized into float32 panels for
-# the panel GEMM (benchmarks/quantized_gemm.py on the AVX2 EPYC: the int8 kernel is faster up to 16 rows on
-# every shape of the default model, the panels from 16-32 rows on).
+# the panel GEMM (exact activations). Since the int8 kernel reads each weight once for any row count
+# (benchmarks/quant_rows.py, AVX2 EPYC, 1 thread) it stays faster than the panels up to 32-48 rows on the
+# default model's shapes; 16 is kept so that steps over 16 rows (prefill chunks, big batches) keep float32
+# activations, and one sequence's decode with up to 15 speculative drafts stays on the int8 kernel, where a
+# row's result does not depend on the row count.
 INT8_MAX_ROWS = 16
 
 

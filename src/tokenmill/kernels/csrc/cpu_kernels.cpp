@@ -1,18 +1,22 @@
 // CPU kernels for tokenmill, loaded with ctypes (no torch headers: builds in about a second).
 //
-// decode_attention_f32: attention of one query token per sequence over its paged K/V cache, reading each
-// visible key and value exactly once straight from the cache blocks (the PyTorch path first gathers the
+// decode_attention_f32: attention of a few query tokens per sequence (one for a plain decode, 1 + k when
+// speculative decoding verifies k drafts) over its paged K/V cache, reading each visible key and value exactly
+// once straight from the cache blocks for all the sequence's queries (the PyTorch path first gathers the
 // blocks into a padded copy, then attends over it: three passes over memory instead of one).
 // Oracle: tokenmill/kernels/reference.py (tests/model/test_cpu_kernels.py compares the two).
 //
 // Layouts (C-contiguous; q and out float32, the caches float32 or bf16: decode_attention_f32 / _bf16):
-//   q        [B, Hq, D]           out [B, Hq, D]
+//   q        [T, Hq, D]           out [T, Hq, D]   (T query rows, sequence by sequence)
 //   k_cache  [N, bs, Hkv, D]      v_cache the same
 //   blocks   [B, nb] int64        block ids; blocks[b][j] holds positions first_pos[b] + j*bs .. + bs-1
-//   first_pos, lo, ctx [B] int64  sequence b sees keys at positions lo[b] <= p < ctx[b]
-// Work is split over (sequence, kv head) pairs with OpenMP; the query heads of one GQA group share each
-// key/value load. Softmax is two-pass (scores, then max / exp / sum), in float32 like SDPA on CPU; bf16
-// cache rows are widened to float32 as they are loaded (half the bytes read, the same float32 math).
+//   first_pos [B] int64
+//   q_start  [B + 1] int64        sequence b owns rows q_start[b] .. q_start[b+1]-1; nullptr: row b alone (T = B)
+//   lo, ctx  [T] int64            row r sees keys at positions lo[r] <= p < ctx[r] (its own position + 1)
+// Work is split over (sequence, kv head) pairs with OpenMP; the query heads of one GQA group and the queries
+// of one sequence share each key/value load. Softmax is two-pass (scores over the union of the rows' ranges,
+// then max / exp / sum over each row's own range), in float32 like SDPA on CPU; bf16 cache rows are widened
+// to float32 as they are loaded (half the bytes read, the same float32 math).
 
 #include <cmath>
 #include <cstdint>
@@ -189,7 +193,7 @@ inline void accumulate_run(float* acc, const float* w, int64_t L, int64_t i0, co
     for (int64_t t = 0; t < n; ++t) {
       const vw v0 = loadw(rows + t * stride + d), v1 = loadw(rows + t * stride + d + kW);
       for (int g = 0; g < GN; ++g) {
-        const vw wv = w[g * L + i0 + t] + vw{};
+        const vw wv = w[g * L + i0 + t] - vw{};  // a broadcast (x + 0 is not x for -0: a real add)
         a[g] += wv * v0;
         b[g] += wv * v1;
       }
@@ -254,41 +258,134 @@ inline void accumulate_heads(float* acc, const float* w, int64_t L, int64_t G, i
   }
 }
 
+// s[r * L + i0 + c] = scale * dot(q[r], k[c]) for QN query vectors (D apart) and KN key rows (stride apart):
+// QN * KN accumulators, each key and query vector loaded once per tile (4 x 3: 12 accumulators, 7 loads per
+// 12 FMAs; one query against one key at a time would load twice per FMA).
+template <int QN, int KN, typename T>
+inline void score_tile(float* s, int64_t L, int64_t i0, const float* q, const T* k, int64_t stride, int64_t D,
+                       float scale) {
+  vw a[QN][KN];
+  for (int r = 0; r < QN; ++r)
+    for (int c = 0; c < KN; ++c) a[r][c] = vw{};
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    vw kv[KN];
+    for (int c = 0; c < KN; ++c) kv[c] = loadw(k + c * stride + d);
+    for (int r = 0; r < QN; ++r) {
+      const vw qv = loadw(q + r * D + d);
+      for (int c = 0; c < KN; ++c) a[r][c] += qv * kv[c];
+    }
+  }
+  for (int r = 0; r < QN; ++r) {
+    for (int c = 0; c < KN; ++c) {
+      float x = hsumw(a[r][c]);
+      for (int64_t e = d; e < D; ++e) x += q[r * D + e] * to_f32(k[c * stride + e]);
+      s[r * L + i0 + c] = x * scale;
+    }
+  }
+}
+
+// Scores of R query vectors against the n keys of one run (rows stride apart, i0 the run's first index):
+// key triples in the outer loop, so three rows stay in L1 while every query passes over them; the same rows
+// of the next run are prefetched meanwhile.
+template <int KN, typename T>
+inline void score_keys(float* s, int64_t L, int64_t R, int64_t i0, const float* q, const T* k, int64_t stride,
+                       int64_t D, float scale) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) score_tile<4, KN>(s + r * L, L, i0, q + r * D, k, stride, D, scale);
+  for (; r < R; ++r) score_tile<1, KN>(s + r * L, L, i0, q + r * D, k, stride, D, scale);
+}
+
+template <typename T>
+inline void score_run(float* s, int64_t L, int64_t R, int64_t i0, const float* q, const T* rows, int64_t stride,
+                      int64_t n, int64_t D, float scale, const T* next) {
+  int64_t t = 0;
+  for (; t + 3 <= n; t += 3) {
+    if (next != nullptr) {
+      for (int64_t c = t; c < t + 3; ++c) prefetch(next + c * stride, D);
+    }
+    score_keys<3>(s, L, R, i0 + t, q, rows + t * stride, stride, D, scale);
+  }
+  for (; t < n; ++t) {
+    if (next != nullptr) prefetch(next + t * stride, D);
+    score_keys<1>(s, L, R, i0 + t, q, rows + t * stride, stride, D, scale);
+  }
+}
+
+// Zero row[0:a) and row[e:L) and softmax row[a:e) in place: one query's weights over the sequence's key range
+// (a query sees only part of it: causal among the step's new tokens, and its own sliding window).
+inline void softmax_span(float* row, int64_t L, int64_t a, int64_t e) {
+  a = a < 0 ? 0 : a;
+  e = e > L ? L : e;
+  if (e <= a) {
+    for (int64_t i = 0; i < L; ++i) row[i] = 0.f;
+    return;
+  }
+  for (int64_t i = 0; i < a; ++i) row[i] = 0.f;
+  softmax_inplace(row + a, e - a);
+  for (int64_t i = e; i < L; ++i) row[i] = 0.f;
+}
+
 template <typename T>
 void decode_attention(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks,
-                      int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx,
-                      int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out,
-                      int num_threads) {
+                      int64_t nb, const int64_t* first_pos, const int64_t* q_start, const int64_t* lo,
+                      const int64_t* ctx, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                      float* out, int num_threads) {
   const int64_t G = Hq / Hkv;
   const int64_t token_stride = Hkv * D;  // floats between consecutive slots of one block
   const int64_t block_stride = bs * token_stride;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> scores;
+    std::vector<float> scores, qbuf;
     std::vector<float> acc(G * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * Hkv; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
-      const int64_t p0 = lo[b], p1 = ctx[b], L = p1 - p0;
-      const float* qb = q + (b * Hq + h * G) * D;
-      float* ob = out + (b * Hq + h * G) * D;
+      const int64_t r0 = q_start != nullptr ? q_start[b] : b;
+      const int64_t n = q_start != nullptr ? q_start[b + 1] - r0 : 1;
+      if (n <= 0) continue;
+      // The key range of all n queries: each K/V row is read from memory once for every query of the sequence.
+      int64_t p0 = lo[r0], p1 = ctx[r0];
+      for (int64_t j = 1; j < n; ++j) {
+        p0 = lo[r0 + j] < p0 ? lo[r0 + j] : p0;
+        p1 = ctx[r0 + j] > p1 ? ctx[r0 + j] : p1;
+      }
+      const int64_t L = p1 - p0, R = n * G;  // R query vectors: row j * G + g is query j, head h * G + g
       if (L <= 0) {
-        for (int64_t i = 0; i < G * D; ++i) ob[i] = 0.f;
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < G * D; ++i) out[((r0 + j) * Hq + h * G) * D + i] = 0.f;
         continue;
       }
-      scores.resize(G * L);
-      const int64_t* table = blocks + b * nb;
-      for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
-                    [&](int64_t i, const T* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
-      for (int64_t g = 0; g < G; ++g) {
-        softmax_inplace(scores.data() + g * L, L);
+      const float* qb = q + (r0 * Hq + h * G) * D;
+      if (n > 1) {  // gather the group's heads of every query into one [R, D] block
+        qbuf.resize(R * D);
+        for (int64_t j = 0; j < n; ++j)
+          std::memcpy(qbuf.data() + j * G * D, q + ((r0 + j) * Hq + h * G) * D, G * D * sizeof(float));
+        qb = qbuf.data();
+        acc.resize(R * D);
       }
-      for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+      scores.resize(R * L);
+      const int64_t* table = blocks + b * nb;
+      if (n == 1) {
+        for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
+                      [&](int64_t i, const T* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
+        for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * L, L);
+      } else {
+        for_each_run(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
+                     [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
+                       score_run(scores.data(), L, R, i, qb, rows, token_stride, cnt, D, scale, next);
+                     });
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t g = 0; g < G; ++g)
+            softmax_span(scores.data() + (j * G + g) * L, L, lo[r0 + j] - p0, ctx[r0 + j] - p0);
+      }
+      for (int64_t i = 0; i < R * D; ++i) acc[i] = 0.f;
       for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
-                   [&](int64_t i, const T* rows, int64_t n, const T* next) {
-                     accumulate_heads(acc.data(), scores.data(), L, G, i, rows, token_stride, n, D, next);
+                   [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
+                     accumulate_heads(acc.data(), scores.data(), L, R, i, rows, token_stride, cnt, D, next);
                    });
-      for (int64_t i = 0; i < G * D; ++i) ob[i] = acc[i];
+      for (int64_t j = 0; j < n; ++j)
+        std::memcpy(out + ((r0 + j) * Hq + h * G) * D, acc.data() + j * G * D, G * D * sizeof(float));
     }
   }
 }
@@ -369,18 +466,22 @@ void gelu_and_mul_rows(const T* x, int64_t rows, int64_t n, int64_t ldx, T* out,
 
 extern "C" {
 
-int tokenmill_kernels_abi_version() { return 4; }
+int tokenmill_kernels_abi_version() { return 5; }
 
-void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
-                          int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx, int64_t B,
-                          int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out, int num_threads) {
-  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, lo, ctx, B, Hq, Hkv, D, bs, scale, out, num_threads);
+void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+                          const int64_t* blocks, int64_t nb, const int64_t* first_pos, const int64_t* q_start,
+                          const int64_t* lo, const int64_t* ctx, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                          int64_t bs, float scale, float* out, int num_threads) {
+  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, q_start, lo, ctx, B, Hq, Hkv, D, bs, scale, out,
+                   num_threads);
 }
 
-void decode_attention_bf16(const float* q, const bf16* k_cache, const bf16* v_cache, const int64_t* blocks,
-                           int64_t nb, const int64_t* first_pos, const int64_t* lo, const int64_t* ctx, int64_t B,
-                           int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale, float* out, int num_threads) {
-  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, lo, ctx, B, Hq, Hkv, D, bs, scale, out, num_threads);
+void decode_attention_bf16(const float* q, const bf16* k_cache, const bf16* v_cache,
+                           const int64_t* blocks, int64_t nb, const int64_t* first_pos, const int64_t* q_start,
+                           const int64_t* lo, const int64_t* ctx, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                           int64_t bs, float scale, float* out, int num_threads) {
+  decode_attention(q, k_cache, v_cache, blocks, nb, first_pos, q_start, lo, ctx, B, Hq, Hkv, D, bs, scale, out,
+                   num_threads);
 }
 
 // argmax_rows_f32: out[r] = index of the first maximum of row r of x [rows, cols] (row stride ld), like

@@ -6,10 +6,11 @@
 // (ggml-quants.c, MIT; gguf's numpy quants.py and our model/gguf_dequant.py decode the same bytes).
 //
 // Two products, picked by the caller by row count (layers/quantized.py):
-// - quant_linear_int8 (few rows: decode). Each activation row is quantized once per layer to 8 bits per
-//   32-element block (quantize_act_q8: scale amax/127, round half to even), and every weight block is unpacked
-//   once for up to 4 activation rows. Per 32 weights and row: one integer dot product (AVX2 maddubs + madd, or
-//   AVX-512 VNNI dpbusd; signed weights carry their sign over to x), the scales applied in float32:
+// - quant_linear_int8 (few rows: decode, speculative verification). Each activation row is quantized once per
+//   layer to 8 bits per 32-element block (quantize_act_q8: scale amax/127, round half to even), and every weight
+//   block is read and unpacked once for all the rows (up to 4: in registers; more: a weight row at a time into
+//   an L1 buffer that groups of 4 rows run over). Per 32 weights and row: one integer dot product (AVX2
+//   maddubs + madd, or AVX-512 VNNI dpbusd; signed weights carry their sign over to x), scales in float32:
 //     sum_i w_i x_i = dx * s * sum_i q_i qx_i  [- m * dx * sum_i qx_i for Q4_K / Q5_K, whose quants are unsigned]
 //   (Q6_K: a scale per 16-weight half, as lanes 0-3 / 4-7 of the dot product.) Two accumulators alternate
 //   between blocks so single-row decode is not bound by one FMA chain's latency. Threads split the output
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -302,24 +304,27 @@ inline __m256i dot32(__m256i uw, __m256i x) {
 }
 
 template <int T, int R, int set>
-inline void block_dot(const Group& g, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc) {
+inline void block_dot(const float* s, const float* m, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc,
+                      const float* S = nullptr) {  // S (Q4_K / Q5_K): the products s * d, made ahead per row
   using F = Format<T>;
   const int64_t nb = a.k / 32;
   for (int ch = 0; ch < F::G / 32; ++ch) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * ch));
     const __m256i uw = F::has_min ? w : _mm256_sign_epi8(w, w);
-    const __m256 scale = F::halves ? _mm256_setr_m128(_mm_set1_ps(g.s[2 * ch]), _mm_set1_ps(g.s[2 * ch + 1]))
-                                   : _mm256_set1_ps(g.s[2 * ch]);
+    const __m256 scale = F::halves ? _mm256_setr_m128(_mm_set1_ps(s[2 * ch]), _mm_set1_ps(s[2 * ch + 1]))
+                                   : _mm256_set1_ps(s[2 * ch]);
     const int64_t b32 = blk * (F::G / 32) + ch;
     for (int r = 0; r < R; ++r) {
       __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + 32 * b32));
       if constexpr (!F::has_min) x = _mm256_sign_epi8(x, w);
       const __m256 p = _mm256_cvtepi32_ps(dot32(uw, x));
-      acc[r].v[set] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + b32)), acc[r].v[set]);
+      const __m256 sd = F::has_min && S != nullptr ? _mm256_broadcast_ss(S + r * nb + b32)
+                                                   : _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + b32));
+      acc[r].v[set] = _mm256_fmadd_ps(p, sd, acc[r].v[set]);
     }
   }
   if constexpr (F::has_min) {  // minus sum over the 8 chunks of min * (activation scale * sum of its quants)
-    const __m256 mins = _mm256_loadu_ps(g.m);
+    const __m256 mins = _mm256_loadu_ps(m);
     for (int r = 0; r < R; ++r)
       acc[r].m = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.sum + r * nb + blk * 8), acc[r].m);
   }
@@ -333,7 +338,8 @@ struct Lanes {
 };
 
 template <int T, int R, int set>
-inline void block_dot(const Group& g, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc) {
+inline void block_dot(const float* s, const float* m, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc,
+                      const float* = nullptr) {
   using F = Format<T>;
   const int64_t nb = a.k / 32;
   for (int ch = 0; ch < F::G / 32; ++ch) {
@@ -344,8 +350,8 @@ inline void block_dot(const Group& g, const int8_t* wq, const Acts& a, int64_t b
       int32_t lo = 0, hi = 0;
       for (int i = 0; i < 16; ++i) lo += static_cast<int32_t>(w[i]) * x[i];
       for (int i = 16; i < 32; ++i) hi += static_cast<int32_t>(w[i]) * x[i];
-      acc[r].v[set] += a.d[r * nb + b32] * (g.s[2 * ch] * static_cast<float>(lo) + g.s[2 * ch + 1] * static_cast<float>(hi));
-      if constexpr (F::has_min) acc[r].m += g.m[ch] * a.sum[r * nb + b32];
+      acc[r].v[set] += a.d[r * nb + b32] * (s[2 * ch] * static_cast<float>(lo) + s[2 * ch + 1] * static_cast<float>(hi));
+      if constexpr (F::has_min) acc[r].m += m[ch] * a.sum[r * nb + b32];
     }
   }
 }
@@ -377,7 +383,7 @@ inline void int8_block(Group& g, const uint8_t* b, const Acts& a, int64_t blk, L
   } else {
     unpack<T>(b, g);
   }
-  block_dot<T, R, set>(g, wq, a, blk, acc);
+  block_dot<T, R, set>(g.s, g.m, wq, a, blk, acc);
 }
 
 // Output columns [n0, n1) for R activation rows. Blocks alternate between the two accumulator sets (a
@@ -400,21 +406,122 @@ void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, i
   }
 }
 
-// Output columns [n0, n1) of one part for all m activation rows, 4 rows at a time.
+// R <= 4 activation rows against the whole part, each weight block unpacked once (into registers or g).
+template <int T>
+void int8_group(const Acts& a, int64_t R, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c,
+                int64_t ldc) {
+  switch (R) {
+    case 4: int8_rows<T, 4>(a, w, row_bytes, n0, n1, c, ldc); break;
+    case 3: int8_rows<T, 3>(a, w, row_bytes, n0, n1, c, ldc); break;
+    case 2: int8_rows<T, 2>(a, w, row_bytes, n0, n1, c, ldc); break;
+    default: int8_rows<T, 1>(a, w, row_bytes, n0, n1, c, ldc); break;
+  }
+}
+
+// ---- more than 4 activation rows: each weight row unpacked once into an L1 buffer, then 4 rows at a time -----
+// A pass over the weights per 4 rows (4 rows' accumulators fill the 16 AVX2 registers) read every weight from
+// memory and unpacked it again per 4 rows, so 5 rows (speculative decoding's verification of 4 drafts) cost
+// about two 1-row steps. Here each weight row is read and unpacked once, and each group of 4 rows runs the
+// same arithmetic as int8_rows over the buffer: a row's result does not depend on how many rows share a call.
+
+// One weight row unpacked for the whole k: quants (as Group.q), scales per 16 weights, minimums per 32;
+// for Q4_K / Q5_K also the scales per 32 and a 4-row group's scale products (weight x activation scale: made 8
+// at a time here instead of one by one per row and chunk; for the other types that measured slower).
+struct RowBuf {
+  int8_t* q;
+  float* s;
+  float* m;
+  float* s32;  // [k / 32]
+  float* S;    // [4][k / 32]
+};
+
+template <int T>
+void unpack_row(const uint8_t* wrow, int64_t k, Group& g, const RowBuf& rb) {
+  using F = Format<T>;
+  for (int64_t blk = 0; blk < k / F::G; ++blk) {
+    const uint8_t* b = wrow + blk * F::bytes;
+#if defined(__AVX2__)
+    if constexpr (F::G == 32) {  // straight into the buffer, no stop in g
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rb.q + 32 * blk), load_q32<T>(b));
+      rb.s[2 * blk] = rb.s[2 * blk + 1] = f16_to_f32(b);
+      continue;
+    }
+#endif
+    unpack<T>(b, g);
+    std::memcpy(rb.q + blk * F::G, g.q, F::G);
+    std::memcpy(rb.s + blk * (F::G / 16), g.s, sizeof(float) * (F::G / 16));
+    if constexpr (F::has_min) {
+      std::memcpy(rb.m + blk * 8, g.m, sizeof(float) * 8);
+      for (int i = 0; i < 8; ++i) rb.s32[blk * 8 + i] = g.s[2 * i];
+    }
+  }
+}
+
+// One output column for R activation rows from an unpacked row: the same arithmetic, block by block and set by
+// set, as int8_rows (so a row's result does not depend on how many rows share the call).
+template <int T, int R>
+void buffered_rows(const RowBuf& rb, const Acts& a, float* c, int64_t ldc) {
+  using F = Format<T>;
+  const int64_t nblk = a.k / F::G, nb = a.k / 32;
+#if defined(__AVX2__)
+  if constexpr (F::has_min)
+    for (int r = 0; r < R; ++r) {
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8)
+        _mm256_storeu_ps(rb.S + r * nb + b, _mm256_mul_ps(_mm256_loadu_ps(rb.s32 + b), _mm256_loadu_ps(a.d + r * nb + b)));
+      for (; b < nb; ++b) rb.S[r * nb + b] = rb.s32[b] * a.d[r * nb + b];
+    }
+#endif
+  Lanes acc[R];
+  auto block = [&](auto set, int64_t blk) {
+    block_dot<T, R, decltype(set)::value>(rb.s + blk * (F::G / 16), rb.m + blk * (F::G / 32), rb.q + blk * F::G, a,
+                                          blk, acc, rb.S);
+  };
+  int64_t blk = 0;
+  for (; blk + 2 <= nblk; blk += 2) {
+    block(std::integral_constant<int, 0>{}, blk);
+    block(std::integral_constant<int, 1>{}, blk + 1);
+  }
+  if (blk < nblk) block(std::integral_constant<int, 0>{}, blk);
+  for (int r = 0; r < R; ++r) c[r * ldc] = finish(acc[r]);
+}
+
+// Output columns [n0, n1) of one part for all m activation rows: one pass over the weights for any m.
 template <int T>
 void int8_part(const Acts& all, int64_t m, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c,
                int64_t ldc) {
-  const int64_t nb = all.k / 32;
-  for (int64_t r = 0; r < m; r += 4) {
-    const Acts a{all.q + r * all.k, all.d + r * nb, all.sum + r * nb, all.k};
-    float* cr = c + r * ldc;
-    switch (std::min<int64_t>(4, m - r)) {
-      case 4: int8_rows<T, 4>(a, w, row_bytes, n0, n1, cr, ldc); break;
-      case 3: int8_rows<T, 3>(a, w, row_bytes, n0, n1, cr, ldc); break;
-      case 2: int8_rows<T, 2>(a, w, row_bytes, n0, n1, cr, ldc); break;
-      default: int8_rows<T, 1>(a, w, row_bytes, n0, n1, cr, ldc); break;
+  if (m <= 4) {
+    int8_group<T>(all, m, w, row_bytes, n0, n1, c, ldc);
+    return;
+  }
+  if (n0 >= n1) return;
+  const int64_t k = all.k, nb = k / 32;
+  // q [k] | s [2 nb] | m [nb] | s32 [nb] | S [4 nb], 64-byte aligned (the unpackers' aligned stores)
+  const size_t bytes = (static_cast<size_t>(k) + sizeof(float) * nb * (2 + 1 + 1 + 4) + 63) / 64 * 64;
+  int8_t* mem = static_cast<int8_t*>(std::aligned_alloc(64, bytes));
+  if (mem == nullptr) {  // (a few kB; should it fail, a pass per 4 rows is as right, only slower)
+    for (int64_t r = 0; r < m; r += 4)
+      int8_group<T>(Acts{all.q + r * k, all.d + r * nb, all.sum + r * nb, k}, std::min<int64_t>(4, m - r), w,
+                    row_bytes, n0, n1, c + r * ldc, ldc);
+    return;
+  }
+  float* f = reinterpret_cast<float*>(mem + k);
+  const RowBuf rb{mem, f, f + 2 * nb, f + 3 * nb, f + 4 * nb};
+  Group g;
+  for (int64_t n = n0; n < n1; ++n) {
+    unpack_row<T>(w + n * row_bytes, k, g, rb);
+    for (int64_t r = 0; r < m; r += 4) {
+      const Acts a{all.q + r * k, all.d + r * nb, all.sum + r * nb, k};
+      float* cr = c + r * ldc + n;
+      switch (std::min<int64_t>(4, m - r)) {
+        case 4: buffered_rows<T, 4>(rb, a, cr, ldc); break;
+        case 3: buffered_rows<T, 3>(rb, a, cr, ldc); break;
+        case 2: buffered_rows<T, 2>(rb, a, cr, ldc); break;
+        default: buffered_rows<T, 1>(rb, a, cr, ldc); break;
+      }
     }
   }
+  std::free(mem);
 }
 
 template <int T> struct PartOp { template <typename... A> static void run(A... a) { int8_part<T>(a...); } };

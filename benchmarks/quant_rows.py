@@ -1,0 +1,162 @@
+"""What a few extra activation rows cost the 8-bit quantized product (speculative decoding verifies 1 + k rows
+per sequence in one step), old kernel against new, on the default model's real tensors.
+
+Builds two copies of csrc/quant_gemm.cpp with cpu_kernels.py's flags for the widest variant this CPU runs: the
+committed one (`git show HEAD:...`, or --old FILE) and the working tree's (or --new FILE). For the LM head
+(token_embd, Q8_0 262144 x 640) and one layer's linears (qkv / o / gate_up / down, fused as the model runs
+them), at 1 and 2 threads and each row count: the median time of the int8 product, old and new repetitions
+interleaved (the machine is shared and noisy), and each one relative to its own 1-row time. `crossover`: the
+new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, for layers/quantized.py's
+INT8_MAX_ROWS. Prints JSON.
+
+    .venv/bin/python benchmarks/quant_rows.py [--reps 9] [--threads 1,2] [--rows 1,2,4,5,8,9,16]
+
+The layer's weights (~4 MB) stay in cache across repetitions, so its figures are compute-bound; the LM head
+(~180 MB) streams from memory every call, as every weight does in a real decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenmill.kernels.cpu_features import host_cpu_features
+from tokenmill.kernels.cpu_kernels import _FLAGS, variants_for
+from tokenmill.kernels.quant_format import QuantizedTensor
+from tokenmill.kernels.quant_kernels import QuantKernels
+from tokenmill.model.default_model import default_model_path
+from tokenmill.model.gguf_reader import read_gguf
+
+CSRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill" / "kernels" / "csrc"
+SOURCE = "src/tokenmill/kernels/csrc/quant_gemm.cpp"
+# name -> fused parts (tensor names, stacked along the output rows), as the model runs them
+WORKLOADS = {
+    "lm_head": ["token_embd.weight"],
+    "layer.qkv": ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"],
+    "layer.o": ["blk.0.attn_output.weight"],
+    "layer.gate_up": ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"],
+    "layer.down": ["blk.0.ffn_down.weight"],
+}
+
+
+def build(source_text: str, name: str, workdir: Path) -> QuantKernels:
+    """quant_gemm.cpp alone (with the headers it includes) as a library for the widest runnable variant."""
+    variant = variants_for(host_cpu_features())[0]
+    src = workdir / f"{name}.cpp"
+    src.write_text(source_text)
+    for header in CSRC.glob("*.h"):
+        (workdir / header.name).write_bytes(header.read_bytes())
+    lib = workdir / f"{name}.so"
+    subprocess.run(["g++", *_FLAGS, *variant.march, str(src), "-o", str(lib)], check=True)
+    return QuantKernels(ctypes.CDLL(str(lib)))
+
+
+def load_parts(gguf, names: list[str]) -> list[tuple[int, QuantizedTensor]]:
+    parts, off = [], 0
+    for name in names:
+        info = gguf.tensors[name]
+        shape = tuple(int(s) for s in info.shape)
+        raw = torch.from_numpy(np.array(info.data, dtype=np.uint8, copy=True))
+        parts.append((off, QuantizedTensor.from_bytes(raw, info.ggml_type, shape)))
+        off += shape[0]
+    return parts
+
+
+def once_ms(qk: QuantKernels, plan, x: torch.Tensor, out: torch.Tensor, int8: bool = True) -> tuple[float, float]:
+    """(wall, this thread's CPU) milliseconds of one call."""
+    start, cpu = time.perf_counter(), time.thread_time()
+    qk.linear(x, plan, out, int8=int8)
+    return (time.perf_counter() - start) * 1e3, (time.thread_time() - cpu) * 1e3
+
+
+def interleaved(libs: dict[str, QuantKernels], plans: dict, x, out, reps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) ms per library, one call of each per round (warm-up round dropped)."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in libs}
+    for rnd in range(reps + 1):
+        for name, qk in libs.items():
+            t = once_ms(qk, plans[name], x, out)
+            if rnd:
+                times[name].append(t)
+    return {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9, help="rounds per point (the layer's get 10x as many)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rows", default="1,2,4,5,8,9,16")
+    ap.add_argument("--crossover-rows", default="16,20,24,32")
+    ap.add_argument("--old", type=Path, help="old quant_gemm.cpp (default: git HEAD's)")
+    ap.add_argument("--new", type=Path, help="new quant_gemm.cpp (default: the working tree's)")
+    args = ap.parse_args()
+    old_src = args.old.read_text() if args.old else subprocess.run(
+        ["git", "show", f"HEAD:{SOURCE}"], capture_output=True, text=True, check=True,
+        cwd=CSRC.parents[3]).stdout
+    new_src = (args.new or CSRC / "quant_gemm.cpp").read_text()
+    gguf = read_gguf(default_model_path())
+    row_counts = [int(r) for r in args.rows.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"old": build(old_src, "old", Path(tmp)), "new": build(new_src, "new", Path(tmp))}
+        for workload, names in WORKLOADS.items():
+            parts = load_parts(gguf, names)
+            plans = {name: qk.plan(parts) for name, qk in libs.items()}
+            width, k = plans["new"].width, plans["new"].k
+            reps = args.reps if workload == "lm_head" else 10 * args.reps
+            for threads in [int(t) for t in args.threads.split(",")]:
+                torch.set_num_threads(threads)
+                base: dict[str, float] = {}
+                for rows in row_counts:
+                    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+                    med = interleaved(libs, plans, x, torch.empty(rows, width), reps)
+                    base = base or med
+                    point = {"workload": workload, "threads": threads, "rows": rows}
+                    # wall time; at 1 thread also the thread's CPU time, which leaves out the time other
+                    # processes held the core (at 2 threads the OpenMP worker's share would be missing)
+                    for kind, i in (("", 0), ("cpu_", 1)) if threads == 1 else (("", 0),):
+                        point.update({f"old_{kind}ms": round(med["old"][i], 3), f"new_{kind}ms": round(med["new"][i], 3),
+                                      f"old_{kind}rel": round(med["old"][i] / base["old"][i], 2),
+                                      f"new_{kind}rel": round(med["new"][i] / base["new"][i], 2),
+                                      f"old_over_new_{kind}".rstrip("_"): round(med["old"][i] / med["new"][i], 2)})
+                    results.append(point)
+                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        crossover = crossover_rows(libs["new"], gguf, [int(r) for r in args.crossover_rows.split(",")], args.reps)
+    print(json.dumps({"results": results, "crossover": crossover}, indent=1))
+
+
+def crossover_rows(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:
+    """The new int8 product against the float32 panels, summed over one layer's linears, per thread count
+    (1 thread: CPU time; 2 threads: wall time)."""
+    layer = [load_parts(gguf, names) for workload, names in WORKLOADS.items() if workload.startswith("layer")]
+    plans = [qk.plan(parts) for parts in layer]
+    rows_out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in row_counts:
+            xs = [torch.randn(rows, p.k) for p in plans]
+            outs = [torch.empty(rows, p.width) for p in plans]
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for rnd in range(3 * reps + 1):
+                for int8 in (True, False):
+                    t = sum(once_ms(qk, p, x, o, int8)[0 if threads > 1 else 1] for p, x, o in zip(plans, xs, outs))
+                    if rnd:
+                        times[int8].append(t)
+            rows_out.append({"threads": threads, "rows": rows, "int8_ms": round(statistics.median(times[True]), 3),
+                             "panels_ms": round(statistics.median(times[False]), 3)})
+            print(json.dumps(rows_out[-1]), file=sys.stderr, flush=True)
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
