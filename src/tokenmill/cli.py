@@ -52,6 +52,11 @@ def _wrap_help_at_spaces() -> None:
 
 
 def main() -> None:
+    import sys
+
+    from tokenmill.server.cli import expand_lora_modules
+
+    sys.argv[1:] = expand_lora_modules(sys.argv[1:])  # vLLM's `--lora-modules a=p b=q` form
     build_app()()
 
 

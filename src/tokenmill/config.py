@@ -83,6 +83,38 @@ class SchedulerConfig:
     grammar_compile_timeout_s: float = 30.0
     grammar_compile_threads: int = 2
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's --speculative-config keys). method "ngram": prompt lookup over each
+    sequence's own tokens; "draft_model": a smaller model (`model`, same vocabulary) proposes greedily.
+    Proposals are verified in the target's forward pass: greedy output is identical to no speculation, sampled
+    output keeps the target distribution (spec_decode/)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4  # ngram: longest suffix of the sequence matched against its earlier tokens
+    prompt_lookup_min: int = 2  # ngram: shortest suffix worth a match
+    model: str | None = None  # draft_model: HF folder or .gguf
+    # No proposals in a step that decodes more than this many sequences: extra draft rows cost more than they
+    # save at larger batches (benchmarks/spec_decode.py --sweep: 2.09x at 1 sequence, 1.14x at 4, 1.10x at 8 on
+    # the default model). None: speculate at every batch size.
+    disable_by_batch_size: int | None = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's names). Up to max_loras adapters run in one step (stacked weights, one
+    batched matmul per layer); up to max_cpu_loras stay loaded in memory, least recently used evicted."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    # Adapters served from start: (served name, path) pairs (--lora-modules name=path).
+    lora_modules: tuple[tuple[str, str], ...] = ()
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -96,6 +128,8 @@ class EngineConfig:
     # Seconds between AsyncLLM's periodic throughput / queue / KV log lines; None: no such lines (vLLM's
     # --disable-log-stats). `tokenmill serve` logs every DEFAULT_LOG_STATS_INTERVAL_S (engine/stats.py).
     log_stats_interval_s: float | None = None
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    lora: LoRAConfig | None = None  # None: LoRA disabled (--enable-lora sets it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +193,6 @@ class ServerConfig:
     core_restart_backoff_s: float = 1.0
     core_restart_max_backoff_s: float = 30.0
     batch: BatchConfig = field(default_factory=BatchConfig)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): off,
+    # they answer 404 like vLLM's, since they read adapter folders from this server's disk.
+    allow_runtime_lora_updating: bool = False

@@ -70,3 +70,16 @@ def test_disable_log_stats_reaches_engine_config() -> None:
     assert engine_config().log_stats_interval_s is None  # vLLM's LLM() does not log stats by default
     assert engine_config(disable_log_stats=True).log_stats_interval_s is None
     assert engine_config(disable_log_stats=False).log_stats_interval_s == DEFAULT_LOG_STATS_INTERVAL_S
+
+
+def test_spec_decode_figures_over_the_interval():
+    logger = StatsLogger(0.0)
+    first = logger.line(SchedulerStats(num_running=1, num_generation_tokens=50, spec_num_drafts=10,
+                                       spec_num_draft_tokens=40, spec_num_accepted_tokens=30), 1.0)
+    assert first.endswith("Spec decode: acceptance rate 75.0%, mean accepted length 4.00")
+    second = logger.line(SchedulerStats(num_running=1, num_generation_tokens=70, spec_num_drafts=14,
+                                        spec_num_draft_tokens=56, spec_num_accepted_tokens=34), 2.0)
+    assert second.endswith("acceptance rate 25.0%, mean accepted length 2.00")  # the interval's 4 drafts only
+    idle = logger.line(SchedulerStats(num_running=1, num_generation_tokens=80, spec_num_drafts=14,
+                                      spec_num_draft_tokens=56, spec_num_accepted_tokens=34), 3.0)
+    assert "Spec decode" not in idle

@@ -28,6 +28,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI()
     sem = asyncio.Semaphore(args.max_running)
     state = {"waiting": 0, "running": 0, "served": 0, "received": 0}
+    adapters = [a for a in args.adapters.split(",") if a]  # LoRA adapter names, listed with parent = the model
 
     def token(i: int) -> str:
         return f" w{i}"
@@ -38,7 +39,14 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "test"}]})
+        cards = [{"id": args.model, "object": "model", "owned_by": "test", "parent": None}]
+        cards += [{"id": a, "object": "model", "owned_by": "test", "parent": args.model} for a in adapters]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        adapters.append(str((await request.json())["lora_name"]))
+        return PlainTextResponse("Success")
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -69,7 +77,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             return JSONResponse({"error": {"message": "test replica failing on purpose", "type": "server_error",
                                            "param": None, "code": None}}, status_code=args.fail_status,
                                 headers=headers)
-        if body.get("model") not in (None, args.model):
+        if body.get("model") not in (None, args.model, *adapters):
             return JSONResponse({"error": {"message": f"model {body.get('model')} not found",
                                            "type": "invalid_request_error", "param": "model",
                                            "code": "model_not_found"}}, status_code=404)
@@ -92,7 +100,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                 text = "".join(token(i) for i in range(n_tok))
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                           if chat else {"index": 0, "text": text, "finish_reason": "length"})
-                return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": args.model,
+                return JSONResponse({"id": rid, "object": obj, "created": int(time.time()),
+                                     "model": body.get("model") or args.model,
                                      "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": n_tok,
                                                                     "total_tokens": n_tok + 1}})
             finally:
@@ -217,6 +226,7 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--model", default="test-model")
+    ap.add_argument("--adapters", default="", help="comma-separated LoRA adapter names it also serves")
     ap.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
     ap.add_argument("--ttft-delay", type=float, default=0.0, help="seconds before the first token")
     ap.add_argument("--max-running", type=int, default=64, help="requests generated at once; others wait")

@@ -160,6 +160,33 @@ def server_section(new: Snapshot, old: Snapshot, dt: float) -> dict[str, Any]:
         "preemptions_total": new.total("tokenmill_num_preemptions_total"),
         "requests_total": new.total("tokenmill_request_success_total"),
         "generation_tokens_total": new.total("tokenmill_generation_tokens_total"),
+        # Only on a server with speculative decoding configured (the metrics exist only there).
+        "spec_decode": spec_decode_section(new, old) if new.has("tokenmill_spec_decode_num_drafts_total") else None,
+    }
+
+
+def spec_decode_section(new: Snapshot, old: Snapshot) -> dict[str, Any]:
+    """vLLM's figures over the window, or since start when nothing was drafted in it (an idle server still
+    shows them): acceptance rate = accepted / draft tokens; mean accepted length = 1 + accepted / drafts
+    (tokens gained per verifying step, the target's own token included); per position: accepted / drafts."""
+    names = ("drafts", "draft_tokens", "accepted_tokens")
+    cum = {n: new.total(f"tokenmill_spec_decode_num_{n}_total") for n in names}
+    win = {n: cum[n] - old.total(f"tokenmill_spec_decode_num_{n}_total") for n in names}
+    pos_new = new.by_label("tokenmill_spec_decode_num_accepted_tokens_per_pos_total", "position")
+    pos_old = old.by_label("tokenmill_spec_decode_num_accepted_tokens_per_pos_total", "position")
+    if win["drafts"] > 0:
+        use, per_pos = win, {p: v - pos_old.get(p, 0.0) for p, v in pos_new.items()}
+    else:
+        use, per_pos = cum, pos_new
+    drafts, tokens = use["drafts"], use["draft_tokens"]
+    return {
+        "acceptance_rate": use["accepted_tokens"] / tokens if tokens > 0 else None,
+        "mean_accepted_length": 1.0 + use["accepted_tokens"] / drafts if drafts > 0 else None,
+        "per_position_acceptance_rate": [per_pos[p] / drafts if drafts > 0 else None
+                                         for p in sorted(per_pos, key=int)],
+        "over_window": win["drafts"] > 0,
+        "drafts_total": cum["drafts"], "draft_tokens_total": cum["draft_tokens"],
+        "accepted_tokens_total": cum["accepted_tokens"],
     }
 
 
@@ -239,6 +266,9 @@ def history_point(stats: dict[str, Any]) -> dict[str, Any]:
                      itl_p50=s["itl_ms"]["p50"], itl_p90=s["itl_ms"]["p90"], itl_p99=s["itl_ms"]["p99"],
                      running=s["running"], waiting=s["waiting"], kv=s["kv_cache_usage"],
                      hit_rate=s["prefix_cache_hit_rate"])
+        # charts plot the window only (the since-start fallback would draw a flat line)
+        if (sd := s.get("spec_decode")) is not None and sd["over_window"]:
+            point.update(spec_accept=sd["acceptance_rate"], spec_len=sd["mean_accepted_length"])
     if (g := stats.get("gateway")) is not None:
         point.update(gw_rps=g["requests_per_s"], gw_out_tps=g["output_tokens_per_s"],
                      gw_ttft_p50=g["ttft_ms"]["p50"], gw_ttft_p99=g["ttft_ms"]["p99"],

@@ -7,6 +7,7 @@ from typing import Any
 from tokenmill.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     check_kv_cache_dtype,
@@ -14,12 +15,13 @@ from tokenmill.config import (
 )
 from tokenmill.cpu_affinity import parse_cpu_list, resolve_placement
 from tokenmill.engine.stats import DEFAULT_LOG_STATS_INTERVAL_S
+from tokenmill.spec_decode.config import parse_speculative_config
 
 # vLLM arguments that have no meaning here (GPU sharding, CUDA graphs...): accepted so vLLM code runs unchanged.
 _IGNORED = {
     "gpu_memory_utilization", "trust_remote_code", "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size",
     "swap_space", "cpu_offload_gb", "revision", "tokenizer_mode",
-    "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config", "enable_lora",
+    "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config",
     "tokenizer_revision", "download_dir", "load_format", "distributed_executor_backend",
 }
 
@@ -60,8 +62,11 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
     )
     # vLLM's LLM() defaults to disable_log_stats=True; disable_log_stats=False logs the periodic stats line.
     log_stats = DEFAULT_LOG_STATS_INTERVAL_S if kw.pop("disable_log_stats", True) is False else None
+    speculative = parse_speculative_config(kw.pop("speculative_config", None))  # dict or vLLM's JSON text
     threads = kw.pop("num_threads", None)
     cores = kw.pop("cpu_cores", None)
+    lora = lora_config(kw.pop("enable_lora", False), kw.pop("max_loras", None), kw.pop("max_lora_rank", None),
+                       kw.pop("max_cpu_loras", None), kw.pop("lora_modules", None))
     if kw:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kw))}")
     if c.block_size < 1:
@@ -70,7 +75,67 @@ def engine_config(model: str | None = None, **kw: Any) -> EngineConfig:
     # Checked here, in the caller's process, so a bad core list fails before any model loads.
     placement = resolve_placement(threads, None if cores is None else parse_cpu_list(cores))
     return EngineConfig(model=m, cache=c, scheduler=s, num_threads=threads,
-                        cpu_cores=placement.cores if placement.pinned else None, log_stats_interval_s=log_stats)
+                        cpu_cores=placement.cores if placement.pinned else None, log_stats_interval_s=log_stats,
+                        speculative=speculative, lora=lora)
+
+
+def lora_config(enable_lora: bool, max_loras: int | None = None, max_lora_rank: int | None = None,
+                max_cpu_loras: int | None = None, lora_modules: Any = None) -> LoRAConfig | None:
+    """vLLM's LoRA arguments -> LoRAConfig (None: LoRA off); ValueError naming the argument otherwise.
+    lora_modules: "name=path" strings, JSON objects {"name", "path"[, "base_model_name"]} (as text or dicts),
+    or (name, path) pairs."""
+    modules = tuple(parse_lora_module(m) for m in lora_modules or ())
+    if not enable_lora:
+        given = [n for n, v in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank),
+                                ("max_cpu_loras", max_cpu_loras), ("lora_modules", modules)) if v]
+        if given:
+            raise ValueError(f"invalid {given[0]}: LoRA options need enable_lora=True (--enable-lora)")
+        return None
+    default = LoRAConfig()
+    cfg = LoRAConfig(max_loras=default.max_loras if max_loras is None else max_loras,
+                     max_lora_rank=default.max_lora_rank if max_lora_rank is None else max_lora_rank,
+                     max_cpu_loras=max_cpu_loras, lora_modules=modules)
+    for name in ("max_loras", "max_lora_rank"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"invalid {name}={value!r}: must be an integer >= 1")
+    if cfg.max_cpu_loras is not None and (not isinstance(cfg.max_cpu_loras, int) or cfg.max_cpu_loras < cfg.max_loras):
+        raise ValueError(f"invalid max_cpu_loras={cfg.max_cpu_loras!r}: must be an integer >= max_loras "
+                         f"({cfg.max_loras}): the adapters of a step are also kept in memory")
+    names = [n for n, _ in modules]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"invalid lora_modules: the name {dup!r} is given twice; each adapter needs its own name")
+    return cfg
+
+
+def parse_lora_module(spec: Any) -> tuple[str, str]:
+    """One --lora-modules entry -> (served name, path): "name=path", '{"name": .., "path": ..}', a dict with
+    those keys, or a (name, path) pair. vLLM's base_model_name is accepted; adapters' parent is always
+    the served base model here."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        import json
+
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid lora_modules entry {spec!r}: not valid JSON ({e.msg})") from None
+    if isinstance(spec, str):
+        name, sep, path = spec.partition("=")
+    elif isinstance(spec, dict):
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise ValueError(f"invalid lora_modules entry {spec!r}: unknown key(s) {', '.join(sorted(unknown))}; "
+                             "allowed: name, path, base_model_name")
+        name, sep, path = spec.get("name"), "=", spec.get("path")
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+        (name, path), sep = spec, "="
+    else:
+        name, sep, path = None, "", None
+    if not sep or not isinstance(name, str) or not isinstance(path, str) or not name.strip() or not path.strip():
+        raise ValueError(f"invalid lora_modules entry {spec!r}: must be name=path or a JSON object "
+                         '{"name": ..., "path": ...} with a non-empty name and path')
+    return name.strip(), path.strip()
 
 
 def normalize_prompt(prompt: Any, tokenizer: Any) -> tuple[str | None, list[int]]:

@@ -23,6 +23,7 @@ from tokenmill.engine.output_processor import RequestState
 from tokenmill.engine.outputs import RequestOutput, SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats, log_stats_forever
+from tokenmill.lora.request import LoRARequest
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,10 @@ class AsyncLLM:
                     q.put_nowait(ds)
 
     async def generate(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield RequestOutput deltas until every sample of the request has finished.
+                       request_id: str | None = None, priority: int = 0,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutput deltas until every sample of the request has finished (through the LoRA
+        adapter `lora_request`, or the base model).
         Raises ValueError for invalid input, RequestError if the engine failed this request,
         EngineDeadError if the core died."""
         if self.errored:
@@ -152,7 +155,8 @@ class AsyncLLM:
         finished = False
         try:
             await self.client.add_request(EngineCoreRequest(
-                rid, ids, params, priority=priority, eos_token_ids=list(info.eos_token_ids)))
+                rid, ids, params, priority=priority, eos_token_ids=list(info.eos_token_ids),
+                lora_request=lora_request.to_wire() if lora_request is not None else None))
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -197,6 +201,14 @@ class AsyncLLM:
         if q is not None:
             q.put_nowait([SeqOutputDelta(request_id=request_id, index=i, new_token_ids=[], finish_reason="abort")
                           for i in range(self._num_samples.get(request_id, 1))])
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Validate the adapter against the model and load it into the core's memory now; ValueError
+        (naming the file and the problem) when it cannot be served."""
+        await self.client.call_utility("add_lora", lora_request.to_wire())
+
+    async def remove_lora(self, lora_name: str) -> None:
+        await self.client.call_utility("remove_lora", lora_name)
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
         if not inputs:

@@ -65,7 +65,7 @@ class EngineCore:
             cache = replace(cache, block_size=runner.block_size)
         self.scheduler = Scheduler(config.scheduler, cache, runner.kv_cache_groups, runner.num_blocks,
                                    self.max_model_len, getattr(loaded, "vocab_size", None),
-                                   structured=_structured_output_manager(config, loaded))
+                                   structured=_structured_output_manager(config, loaded), lora=config.lora)
         self._stale_finished: list[str] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -85,8 +85,12 @@ class EngineCore:
             sched.finished_seq_ids = self._stale_finished + sched.finished_seq_ids
             self._stale_finished = []
         if not sched.seqs:
-            # Nothing to run: hold the runner's clean-up list for the next real step.
-            self._stale_finished = sched.finished_seq_ids
+            if sched.finished_seq_ids:  # nothing to run: the runner still drops their state (draft KV) now
+                try:
+                    self.runner.execute(sched)
+                except Exception:
+                    log.exception("runner failed dropping the state of finished sequences")
+                    self._stale_finished = sched.finished_seq_ids
             self.scheduler.wait_for_grammars(_GRAMMAR_IDLE_WAIT_S)
             return self.scheduler.update(sched, ModelOutput(sampled=[]))
         try:
@@ -100,7 +104,38 @@ class EngineCore:
         return self.scheduler.update(sched, out)
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        lora = getattr(self.runner, "lora", None)  # the runner's LoRAManager: slots and the in-memory cache
+        if lora is not None:
+            counts = lora.stats()
+            stats.lora_num_swaps, stats.lora_num_loaded = int(counts["swaps"]), int(counts["loaded"])
+        return stats
+
+    def add_lora(self, lora_request: dict[str, Any]) -> None:
+        """Validate an adapter against the model and keep it in memory (the load endpoint); ValueError
+        (lora.adapter.LoRAAdapterError) names the file and the problem."""
+        from tokenmill.lora.request import LoRARequest
+
+        manager = self._lora_manager()
+        try:
+            manager.add(LoRARequest.from_wire(lora_request))
+        except OSError as exc:  # a path the OS refuses (name too long, unreadable...): the caller's input
+            raise ValueError(f"{exc.filename or lora_request.get('lora_path')}: cannot be read "
+                             f"({exc.strerror or exc}); lora_path must be a readable PEFT adapter folder") from None
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Drop an adapter from memory (True if it was held). While requests through it are unfinished it
+        stays (their steps need its weights): the in-memory LRU evicts it once they are done."""
+        manager = self._lora_manager()
+        if any(s.lora is not None and s.lora.get("lora_name") == lora_name for s in self.scheduler.seqs.values()):
+            return False
+        return bool(manager.remove(lora_name))
+
+    def _lora_manager(self) -> Any:
+        lora = getattr(self.runner, "lora", None)
+        if lora is None:
+            raise ValueError("invalid lora_request: LoRA is not enabled on this engine (--enable-lora)")
+        return lora
 
     def kv_capacity_tokens(self) -> int:
         return self.scheduler.kv.capacity_tokens()

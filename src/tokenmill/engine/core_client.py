@@ -30,7 +30,7 @@ from tokenmill.engine.core_proc import (
     stats_from_wire,
     unpack,
 )
-from tokenmill.engine.errors import EngineDeadError
+from tokenmill.engine.errors import EngineDeadError, UtilityError
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
@@ -65,6 +65,7 @@ class MPCoreClient:
         self._dead = asyncio.Event()
         self._outputs: asyncio.Queue[list[SeqOutputDelta] | None] = asyncio.Queue()
         self._embed_calls: dict[int, asyncio.Future[list[list[float]]]] = {}
+        self._utility_calls: dict[int, asyncio.Future[Any]] = {}
         self._next_call = 0
         self._dir = tempfile.mkdtemp(prefix="tokenmill-core-")
         self._ctx = zmq.asyncio.Context()
@@ -122,10 +123,11 @@ class MPCoreClient:
             log.error("engine core dead: %s", reason)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(EngineDeadError(reason))
-        for fut in self._embed_calls.values():
+        for fut in [*self._embed_calls.values(), *self._utility_calls.values()]:
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
         self._embed_calls.clear()
+        self._utility_calls.clear()
         self._first_scheduled.clear()
         self._live.clear()
         self._outputs.put_nowait(None)  # wakes the consumer, which raises
@@ -231,6 +233,17 @@ class MPCoreClient:
         await self._send(["embed", call, batch])
         return await fut
 
+    async def call_utility(self, method: str, *args: Any) -> Any:
+        """Run EngineCore.<method>(*args) in the core between steps (core_proc.UTILITY_METHODS); its
+        ValueError comes back as ValueError, anything else as UtilityError."""
+        self._check()
+        call = self._next_call
+        self._next_call += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._utility_calls[call] = fut
+        await self._send(["utility", call, method, list(args)])
+        return await fut
+
     def stats(self) -> SchedulerStats:
         return self._stats
 
@@ -258,6 +271,13 @@ class MPCoreClient:
             if fut is not None and not fut.done():
                 if msg[3] is not None:
                     fut.set_exception(ValueError(msg[3]))
+                else:
+                    fut.set_result(msg[2])
+        elif kind == "utility":
+            fut = self._utility_calls.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                if msg[3] is not None:
+                    fut.set_exception(ValueError(msg[3][1]) if msg[3][0] else UtilityError(msg[3][1]))
                 else:
                     fut.set_result(msg[2])
         elif kind == "ready":

@@ -2,9 +2,10 @@
 
 Wire format (msgpack arrays, first element a str tag):
   client -> core  ["add", EngineCoreRequest.to_wire()]   ["abort", [ids]]   ["embed", call_id, [[ids]]]
-                  ["shutdown"]
+                  ["utility", call_id, method, [args]]   ["shutdown"]
   core -> client  ["ready", info, pickled tokenizer]       ["out", [delta rows], stats, {request_id: wait_s}]
                   ["stats", stats]   ["embed", call_id, vectors, error]   ["fatal", message]
+                  ["utility", call_id, result, error]  (error: None or [is_value_error, message])
 A delta row is SeqOutputDelta's fields in declaration order (see delta_to_row). The core never waits on
 the client: inputs are drained without blocking between steps, and it blocks only when idle.
 This module imports no torch; the runner is imported inside `run_core`, in the child process.
@@ -34,6 +35,8 @@ log = logging.getLogger("tokenmill.engine.core")
 _DELTA_FIELDS = [f.name for f in fields(SeqOutputDelta)]
 _IDLE_POLL_MS = 500  # how often the core checks that its parent is still alive
 _PRUNE_EVERY_STEPS = 512  # how often finished requests are dropped from the first-scheduled bookkeeping
+# EngineCore methods a client may call between steps (server-side LoRA loading / unloading).
+UTILITY_METHODS = frozenset({"add_lora", "remove_lora"})
 
 
 def pack(obj: Any) -> bytes:
@@ -214,6 +217,20 @@ def _handle(msg: list[Any], core: Any, runner: _TimedRunner, out: Any) -> str | 
             out.send(pack(["embed", call_id, [[float(x) for x in v] for v in vectors], None]))
         except Exception as exc:  # noqa: BLE001 - fails this call only
             out.send(pack(["embed", call_id, None, f"{type(exc).__name__}: {exc}"]))
+    elif kind == "utility":
+        out.send(pack(["utility", msg[1], *call_utility(core, msg[2], msg[3])]))
     elif kind == "shutdown":
         return "shutdown"
     return None
+
+
+def call_utility(core: Any, method: str, args: list[Any]) -> tuple[Any, list[Any] | None]:
+    """(result, None) or (None, [is_value_error, message]): a failed call fails alone, the core goes on."""
+    try:
+        if core is None:
+            raise ValueError("this model serves embeddings only (task=embed)")
+        if method not in UTILITY_METHODS:
+            raise ValueError(f"unknown engine utility {method!r}")
+        return getattr(core, method)(*args), None
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        return None, [isinstance(exc, ValueError), str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"]

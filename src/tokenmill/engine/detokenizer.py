@@ -40,6 +40,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.stop_reason: str | None = None
+        self.num_consumed = 0  # tokens of the last process() call up to a stop string (all when none matched)
 
     def _to_tokens(self, ids: list[int]) -> list[str]:
         if self._skip_ids:
@@ -64,14 +65,17 @@ class IncrementalDetokenizer:
 
     def process(self, token_ids: list[int], finished: bool = False) -> str:
         """Append tokens; return the text that may be shown now. After a stop string matched
-        (`stop_reason` set), the rest is ignored: the caller finishes the sequence."""
+        (`stop_reason` set), the rest is ignored: the caller finishes the sequence and keeps only the first
+        `num_consumed` of these tokens (several arrive at once with speculative decoding)."""
+        self.num_consumed = len(token_ids)
         if self.stop_reason is None:
-            for t in token_ids:
+            for i, t in enumerate(token_ids):
                 added = self._decode_one(t)
                 if not added:
                     continue
                 self.text += added
                 if self.stop and self._match_stop(len(added)):
+                    self.num_consumed = i + 1  # tokens after the one completing the stop string are dropped
                     break
         if finished and self.stop_reason is None and self.read_offset < len(self.tokens):
             # the sequence ended inside an incomplete character: show what there is

@@ -9,3 +9,7 @@ class EngineDeadError(RuntimeError):
 
 class RequestError(RuntimeError):
     """The engine failed one request (e.g. it can never fit in the KV cache); others continue."""
+
+
+class UtilityError(RuntimeError):
+    """An engine utility call (e.g. add_lora) failed for a reason other than bad input; the engine goes on."""

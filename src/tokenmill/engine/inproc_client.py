@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
-from tokenmill.engine.errors import EngineDeadError
+from tokenmill.engine.core_proc import call_utility
+from tokenmill.engine.errors import EngineDeadError, UtilityError
 from tokenmill.engine.outputs import SeqOutputDelta
 from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.engine.stats import SchedulerStats
@@ -33,6 +34,7 @@ class CoreClient(Protocol):
     async def abort(self, request_ids: list[str]) -> None: ...
     async def get_output(self) -> list[SeqOutputDelta]: ...
     async def embed(self, batch: list[list[int]]) -> list[list[float]]: ...
+    async def call_utility(self, method: str, *args: Any) -> Any: ...
     def stats(self) -> SchedulerStats: ...
     async def shutdown(self) -> None: ...
     async def wait_dead(self) -> str: ...
@@ -136,6 +138,10 @@ class InProcessCoreClient:
                 self._resolve(fut, self.runner.embed(batch), None)
             except Exception as e:  # noqa: BLE001
                 self._resolve(fut, None, e)
+        elif kind == "utility":
+            method, args, fut = arg
+            result, err = call_utility(self.core, method, args)
+            self._resolve(fut, result, None if err is None else ValueError(err[1]) if err[0] else UtilityError(err[1]))
         elif kind == "wake":
             pass
 
@@ -178,6 +184,14 @@ class InProcessCoreClient:
         self._ensure_started()
         fut = asyncio.get_running_loop().create_future()
         self._inbox.put(("embed", (batch, fut)))
+        return await fut
+
+    async def call_utility(self, method: str, *args: Any) -> Any:
+        """Run EngineCore.<method>(*args) on the core thread between steps (see MPCoreClient.call_utility)."""
+        self._check()
+        self._ensure_started()
+        fut = asyncio.get_running_loop().create_future()
+        self._inbox.put(("utility", (method, list(args), fut)))
         return await fut
 
     def stats(self) -> SchedulerStats:

@@ -54,7 +54,9 @@ class KVCacheManager:
             if hs:
                 hs.append(hash_block(hs[-1], seq.token_slice(i * bs, (i + 1) * bs)))
             else:
-                extra = cache_extra_keys(self.deployment_salt, seq.params.cache_salt)
+                # a LoRA adapter changes every layer's K/V: its blocks are never shared with another's
+                extra = cache_extra_keys(self.deployment_salt, seq.params.cache_salt,
+                                         str(seq.lora_id) if seq.lora_id else None)
                 hs.append(hash_block(None, seq.token_slice(0, bs), extra))
         return hs[:num_full]
 
@@ -205,6 +207,16 @@ class KVCacheManager:
     @property
     def num_blocks_free(self) -> int:
         return sum(p.num_free for p in self.pools)
+
+    def stats(self) -> dict[str, float | int]:
+        """The KV fields of SchedulerStats."""
+        return {"kv_cache_usage": self.usage(), "prefix_cache_queries": self.prefix_queries,
+                "prefix_cache_hits": self.prefix_hits, "num_blocks_total": self.num_blocks_total,
+                "num_blocks_free": self.num_blocks_free}
+
+    def never_fits_msg(self, seq: Sequence) -> str:
+        return (f"sequence {seq.seq_id} needs KV cache for {seq.num_tokens} tokens, more than the cache holds "
+                f"({self.capacity_tokens()} tokens); raise kv_cache_memory or lower max_model_len")
 
     def usage(self) -> float:
         return 1.0 - self.num_blocks_free / self.num_blocks_total

@@ -71,15 +71,11 @@ class RequestState:
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
         if d.prompt_logprobs is not None:
             self.prompt_logprobs = to_logprob_dicts(d.prompt_logprobs, self.params.prompt_logprobs or 0, self._decode)
-        new_lps = self._logprobs(d) if st.logprobs is not None else None
-        st.token_ids.extend(d.new_token_ids)
-        if new_lps is not None:
-            st.logprobs.extend(new_lps)
-            st.cum_logprob += sum(lp[t].logprob for lp, t in zip(new_lps, d.new_token_ids) if t in lp)
         finish, stop_reason, abort = d.finish_reason, d.stop_reason, None
+        new_ids = d.new_token_ids
         text = ""
         if st.detok is not None:
-            shown = d.new_token_ids
+            shown = new_ids
             if finish == "stop" and shown and not self.params.include_stop_str_in_output:
                 # EOS or a stop_token_ids hit ended it: like vLLM, the token stays in token_ids, not in the text.
                 shown = shown[:-1]
@@ -87,11 +83,18 @@ class RequestState:
             if st.detok.stop_reason is not None:
                 if finish is None:
                     abort = seq_id_of(self.request_id, d.index)
+                # a stop string inside several new tokens (speculative decoding): the rest never happened
+                new_ids = new_ids[: st.detok.num_consumed]
                 finish, stop_reason = "stop", st.detok.stop_reason
+        new_lps = self._logprobs(d)[: len(new_ids)] if st.logprobs is not None else None
+        st.token_ids.extend(new_ids)
+        if new_lps is not None:
+            st.logprobs.extend(new_lps)
+            st.cum_logprob += sum(lp[t].logprob for lp, t in zip(new_lps, new_ids) if t in lp)
         st.text += text
         if finish is not None:
             st.finish_reason, st.stop_reason, st.error = finish, stop_reason, d.error
-        out = CompletionOutput(index=d.index, text=text, token_ids=list(d.new_token_ids),
+        out = CompletionOutput(index=d.index, text=text, token_ids=list(new_ids),
                                cumulative_logprob=st.cum_logprob, logprobs=new_lps,
                                finish_reason=st.finish_reason, stop_reason=st.stop_reason)
         return out, abort

@@ -29,6 +29,9 @@ class SeqSetup:
     output_token_ids: list[int]
     seed: int | None  # effective seed for this sequence (params.seed + sample index), None: unseeded
     eos_token_ids: list[int] = field(default_factory=list)
+    # Multi-LoRA: the adapter this sequence runs through as a plain dict {"lora_name", "lora_int_id",
+    # "lora_path"} (tokenmill.lora.request.LoRARequest.to_wire()); None: the base model.
+    lora: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -41,6 +44,10 @@ class ScheduledSeq:
     sliding-window group has released are NULL_BLOCK_ID.
     sample is True when the step ends this sequence's prompt (or it is decoding): the runner samples
     one token from the logits of the last input position.
+    Speculative decoding: the last num_draft_tokens of token_ids are proposed (unverified) tokens; the runner
+    then samples at the last 1 + num_draft_tokens positions and returns the accepted drafts plus one token
+    of its own (1 .. num_draft_tokens + 1 SampledTokens for this sequence, in order).
+    lora_id: the LoRA adapter's lora_int_id (0: the base model).
     """
 
     seq_id: str
@@ -50,6 +57,13 @@ class ScheduledSeq:
     sample: bool
     setup: SeqSetup | None = None
     prompt_logprobs: int | None = None  # top-k wanted for the prompt positions of this chunk (None: none wanted)
+    num_draft_tokens: int = 0
+    lora_id: int = 0
+
+    @property
+    def draft_ids(self) -> list[int]:
+        k = self.num_draft_tokens
+        return self.token_ids[len(self.token_ids) - k :] if k else []
 
 
 @dataclass(slots=True)
@@ -94,8 +108,13 @@ PromptLogprobRow = list | None
 
 @dataclass(slots=True)
 class ModelOutput:
-    sampled: list[SampledToken]  # one per ScheduledSeq with sample=True, in the same order
+    # One per ScheduledSeq with sample=True, in the same order; a sequence verifying draft tokens has 1 ..
+    # num_draft_tokens + 1 consecutive entries (the accepted drafts, then the runner's own token).
+    sampled: list[SampledToken]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # for chunks with prompt_logprobs set
+    # Speculative decoding: proposals for each sequence's next step (seq_id -> draft token ids), made after
+    # this step's tokens; the scheduler may trim them (budget, max_tokens, grammar) or drop them.
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 NULL_BLOCK_ID = 0  # reserved block, never handed out: placeholder for released sliding-window blocks
@@ -118,6 +137,20 @@ class SeqOutputDelta:
     new_ranks: list[int | None] | None = None  # 1-based rank of each new token (when logprobs was requested)
     # Every prompt position's logprobs (PromptLogprobRow), once, with sample 0's first token.
     prompt_logprobs: list[PromptLogprobRow] | None = None
+
+    @classmethod
+    def of_tokens(cls, request_id: str, index: int, tokens: list[SampledToken], finish_reason: str | None,
+                  stop_reason: int | str | None, num_prompt_tokens: int, num_cached_tokens: int,
+                  prompt_logprobs: list[PromptLogprobRow] | None) -> SeqOutputDelta:
+        """The delta of one or more sampled tokens (several when speculative drafts were accepted)."""
+        has_lp = tokens[0].logprob is not None
+        return cls(
+            request_id=request_id, index=index, new_token_ids=[t.token_id for t in tokens],
+            new_logprobs=[t.logprob for t in tokens] if has_lp else None,
+            new_top_logprobs=[list(t.top_logprobs or ()) for t in tokens] if tokens[0].top_logprobs is not None else None,
+            new_ranks=[t.rank for t in tokens] if has_lp else None,
+            finish_reason=finish_reason, stop_reason=stop_reason, num_prompt_tokens=num_prompt_tokens,
+            num_cached_tokens=num_cached_tokens, prompt_logprobs=prompt_logprobs)
 
 
 # ---- client-facing results (vLLM's shapes) ---------------------------------------------------------

@@ -25,6 +25,7 @@ class EngineCoreRequest:
     priority: int = 0
     arrival_time: float = field(default_factory=time.time)
     eos_token_ids: list[int] = field(default_factory=list)
+    lora_request: dict[str, Any] | None = None  # LoRARequest.to_wire(); None: the base model
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
@@ -46,7 +47,25 @@ class EngineCoreRequest:
             priority=int(d.get("priority", 0)),
             arrival_time=float(d.get("arrival_time", time.time())),
             eos_token_ids=list(d.get("eos_token_ids", [])),
+            lora_request=d.get("lora_request"),
         )
+
+
+def check_prompt(ids: list[int], max_model_len: int, vocab_size: int | None, max_whole: int | None) -> None:
+    """ValueError naming what is wrong with a prompt the engine cannot take. max_whole: the most tokens one step
+    computes when prompts cannot be chunked (None: chunked prefill is on)."""
+    n = len(ids)
+    if n == 0:
+        raise ValueError("invalid prompt: it has no tokens; at least one is required")
+    if n > max_model_len:
+        raise ValueError(f"invalid prompt: it has {n} tokens, more than max_model_len={max_model_len}")
+    if max_whole is not None and n > max_whole:
+        raise ValueError(f"invalid prompt: it has {n} tokens, more than max_num_batched_tokens={max_whole} while "
+                         "chunked prefill is disabled (enable chunked prefill or raise max_num_batched_tokens)")
+    if vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"invalid prompt_token_ids: {bad[:5]} outside [0, {vocab_size})")
 
 
 class SeqStatus(enum.Enum):
@@ -75,6 +94,8 @@ class Sequence:
         "error",
         "finish_reason",
         "index",
+        "lora",
+        "lora_id",
         "max_model_len",
         "needs_setup",
         "num_cached_tokens",
@@ -88,6 +109,7 @@ class Sequence:
         "request_id",
         "seed",
         "seq_id",
+        "spec_token_ids",
         "status",
         "stop_reason",
     )
@@ -115,6 +137,9 @@ class Sequence:
         self.order = order  # admission order: tie-breaker after arrival_time
         self.block_hashes: list[bytes] = []  # hashes of full blocks of all_token_ids, filled lazily
         self.max_model_len = max_model_len
+        self.lora = req.lora_request  # LoRARequest.to_wire() or None (the base model)
+        self.lora_id = int(req.lora_request["lora_int_id"]) if req.lora_request else 0
+        self.spec_token_ids: list[int] = []  # speculative decoding: drafts to verify in the next step
 
     @property
     def num_tokens(self) -> int:
@@ -143,7 +168,31 @@ class Sequence:
             output_token_ids=list(self.output_token_ids),
             seed=self.seed,
             eos_token_ids=self.eos_token_ids,
+            lora=self.lora,
         )
+
+    def check_stop(self, token: int) -> tuple[str | None, int | None]:
+        """(finish_reason, stop_reason) after `token` was appended to the output, (None, None) to go on."""
+        p = self.params
+        n_out = len(self.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return "length", None
+        if self.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def draft_room(self) -> int:
+        """Most draft tokens the next step may verify: it emits up to k + 1 tokens, all within max_tokens and
+        max_model_len."""
+        room = self.max_model_len - self.num_tokens - 1
+        if self.params.max_tokens is not None:
+            room = min(room, self.params.max_tokens - len(self.output_token_ids) - 1)
+        return max(0, room)
 
     def sort_key(self, use_priority: bool) -> tuple:
         """Smaller is served first; the largest running key is the first preemption victim."""

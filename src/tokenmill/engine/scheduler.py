@@ -15,19 +15,27 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, LoRAConfig, SchedulerConfig
 from tokenmill.engine.grammar_wait import GrammarWaitQueue
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.lora_slots import LoRASlots
 from tokenmill.engine.outputs import (
     KVCacheGroupSpec,
     ModelOutput,
+    SampledToken,
     ScheduledSeq,
     SchedulerOutput,
     SeqOutputDelta,
 )
 from tokenmill.engine.prompt_logprobs import PromptLogprobsCollector
-from tokenmill.engine.request import EngineCoreRequest, Request, SeqStatus, Sequence
-from tokenmill.engine.stats import SchedulerStats
+from tokenmill.engine.request import (
+    EngineCoreRequest,
+    Request,
+    SeqStatus,
+    Sequence,
+    check_prompt,
+)
+from tokenmill.engine.stats import SchedulerStats, SpecDecodeCounts
 
 if TYPE_CHECKING:
     from tokenmill.structured_output.manager import StructuredOutputManager
@@ -36,7 +44,7 @@ if TYPE_CHECKING:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, kv_groups: Seq[KVCacheGroupSpec],
                  num_blocks: Seq[int], max_model_len: int, vocab_size: int | None = None,
-                 structured: StructuredOutputManager | None = None) -> None:
+                 structured: StructuredOutputManager | None = None, lora: LoRAConfig | None = None) -> None:
         if config.policy not in ("fcfs", "priority"):
             raise ValueError(f"invalid policy={config.policy!r}: must be 'fcfs' or 'priority'")
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
@@ -58,29 +66,21 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.spec_stats = SpecDecodeCounts()
         # Constrained decoding: requests parked (SeqStatus.WAITING_FOR_GRAMMAR) until their grammar compiles.
         self.structured = structured
         self.grammar_waiting = GrammarWaitQueue(structured) if structured is not None else None
+        self.lora_slots = LoRASlots(lora)  # at most max_loras distinct adapters running (engine/lora_slots.py)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
         n = len(req.prompt_token_ids)
         if req.request_id in self.requests:
             raise ValueError(f"invalid request_id={req.request_id!r}: already in use")
-        if n == 0:
-            raise ValueError("invalid prompt: it has no tokens; at least one is required")
-        if n > self.max_model_len:
-            raise ValueError(f"invalid prompt: it has {n} tokens, more than max_model_len={self.max_model_len}")
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
-            raise ValueError(
-                f"invalid prompt: it has {n} tokens, more than max_num_batched_tokens="
-                f"{self.config.max_num_batched_tokens} while chunked prefill is disabled "
-                f"(enable chunked prefill or raise max_num_batched_tokens)")
-        if self.vocab_size is not None:
-            bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"invalid prompt_token_ids: {bad[:5]} outside [0, {self.vocab_size})")
+        whole = None if self.config.enable_chunked_prefill else self.config.max_num_batched_tokens
+        check_prompt(req.prompt_token_ids, self.max_model_len, self.vocab_size, whole)
         req.params.validate()
+        self.lora_slots.check(req)
         constraint = req.params.structured_outputs
         if constraint is not None and self.structured is None:
             raise ValueError("invalid structured_outputs: this engine has no structured-output backend")
@@ -125,13 +125,18 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = self._fit_windows(seq, seq.num_computed_tokens,
-                                        min(seq.num_tokens - seq.num_computed_tokens, budget))
+            # a decode with drafts verifies them too: 1 + k new tokens (drafts trimmed to the budget)
+            pending = seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens
+            num_new = self._fit_windows(seq, seq.num_computed_tokens, min(pending, budget))
             ok = True
             while not self.kv.allocate_slots(seq, seq.num_computed_tokens, num_new):
+                if seq.spec_token_ids:  # drafts never cost a preemption: this step verifies none
+                    seq.spec_token_ids = []
+                    num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
+                    continue
                 victim = max(self.running, key=self._key)
                 if victim is seq and len(self.running) == 1:
-                    self._fail(seq, self._never_fits_msg(seq))
+                    self._fail(seq, self.kv.never_fits_msg(seq))
                     ok = False
                     break
                 vi = self.running.index(victim)
@@ -158,20 +163,26 @@ class Scheduler:
             start = seq.num_computed_tokens
             setup = seq.setup() if seq.needs_setup else None
             seq.needs_setup = False
+            end = min(start + num_new, seq.num_tokens)
+            drafts = seq.spec_token_ids[: start + num_new - end]  # verified in this step's forward pass
+            seq.spec_token_ids = []
             out.append(ScheduledSeq(
                 seq_id=sid,
-                token_ids=seq.token_slice(start, start + num_new),
+                token_ids=seq.token_slice(start, end) + drafts,
                 start_pos=start,
                 block_ids=[list(t) for t in self.kv.tables[sid]],
-                sample=start + num_new == seq.num_tokens,
+                sample=end == seq.num_tokens,
                 setup=setup,
                 prompt_logprobs=seq.params.prompt_logprobs if self.prompt_logprobs.wants(sid) else None,
+                num_draft_tokens=len(drafts),
+                lora_id=seq.lora_id,
             ))
-            seq.num_computed_tokens += num_new
+            seq.num_computed_tokens += num_new  # drafts included: update() rolls back the rejected ones
         finished, self._finished_ids = self._finished_ids, []
         mask = None
         if self.structured is not None:
-            mask = self.structured.bitmask([s.seq_id for s in out if s.sample])
+            mask = self.structured.bitmask([s.seq_id for s in out if s.sample],
+                                           {s.seq_id: s.draft_ids for s in out if s.num_draft_tokens})
         return SchedulerOutput(seqs=out, finished_seq_ids=finished, grammar_bitmask=mask)
 
     def wait_for_grammars(self, timeout_s: float) -> None:
@@ -186,6 +197,9 @@ class Scheduler:
             seq = self.waiting[idx]
             if not self._sibling_ready(seq):
                 idx += 1  # waits for sample 0's prompt blocks to be cached; others may go ahead
+                continue
+            if not self.lora_slots.admits(seq, self.running):
+                idx += 1  # its adapter needs a LoRA slot none frees yet; base / running adapters go ahead
                 continue
             if self.prompt_logprobs.wants(seq.seq_id):  # a cached position has no logits: compute them all
                 hit, hit_tables = 0, [[] for _ in self.kv.groups]
@@ -211,7 +225,7 @@ class Scheduler:
             if not admitted:
                 if not self.running:
                     self.waiting.pop(idx)
-                    self._fail(seq, self._never_fits_msg(seq))
+                    self._fail(seq, self.kv.never_fits_msg(seq))
                     continue
                 break
             self.waiting.pop(idx)
@@ -246,61 +260,70 @@ class Scheduler:
     # ---- update -------------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, model_out: ModelOutput) -> list[SeqOutputDelta]:
         deltas, self._pending = self._pending, []
+        emitted: dict[str, list[SampledToken]] = {}
+        for st in model_out.sampled:
+            emitted.setdefault(st.seq_id, []).append(st)
         for s in sched.seqs:
             seq = self.seqs.get(s.seq_id)
             if seq is None:
                 continue
+            if s.num_draft_tokens and seq.status is SeqStatus.RUNNING:
+                self._roll_back_rejected(seq, s.num_draft_tokens, len(emitted.get(s.seq_id, ())))
             if seq.num_computed_tokens >= len(seq.prompt_token_ids):
                 seq.prompt_done_once = True
-            self.kv.cache_full_blocks(seq)
+            self.kv.cache_full_blocks(seq)  # after the rollback: a block holding rejected drafts is never hashed
         for chunk in model_out.prompt_logprobs:
             self.prompt_logprobs.record(chunk)
-        for st in model_out.sampled:
-            seq = self.seqs.get(st.seq_id)
+        for seq_id, tokens in emitted.items():
+            seq = self.seqs.get(seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
-            constrained = self.structured is not None and self.structured.is_constrained(seq.seq_id)
+            delta = self._append_tokens(seq, tokens)
+            deltas.append(delta)
+            if delta.finish_reason is None and seq_id in model_out.draft_token_ids:
+                seq.spec_token_ids = self._usable_drafts(seq, model_out.draft_token_ids[seq_id])
+        return deltas
+
+    def _roll_back_rejected(self, seq: Sequence, num_drafts: int, num_emitted: int) -> None:
+        """Drafts beyond the accepted ones had K/V written but are not part of the sequence: forget them (their
+        slots are overwritten when the sequence gets there; blocks stay in the table until it finishes)."""
+        accepted = max(0, num_emitted - 1)
+        seq.num_computed_tokens -= num_drafts - accepted
+        self.spec_stats.record(num_drafts, accepted)
+
+    def _append_tokens(self, seq: Sequence, tokens: list[SampledToken]) -> SeqOutputDelta:
+        """Append this step's tokens (several when drafts were accepted) up to the first that finishes the
+        sequence: a stop token or max_tokens inside an accepted run ends it exactly there."""
+        constrained = self.structured is not None and self.structured.is_constrained(seq.seq_id)
+        kept: list[SampledToken] = []
+        reason = stop_reason = None
+        for st in tokens:
             if constrained:
                 err = self.structured.accept(seq.seq_id, st.token_id, len(seq.output_token_ids))
                 if err is not None:  # never hand out a token that breaks the constraint
                     self._fail(seq, err)
-                    deltas.append(self._pending.pop())
-                    continue
+                    return self._pending.pop()
             seq.output_token_ids.append(st.token_id)
             self.num_generation_tokens += 1
-            reason, stop_reason = self._check_stop(seq, st.token_id)
+            kept.append(st)
+            reason, stop_reason = seq.check_stop(st.token_id)
             if reason is None and constrained and self.structured.is_terminated(seq.seq_id):
                 reason, stop_reason = "stop", st.token_id  # grammar complete: its stop token ended it
-            deltas.append(SeqOutputDelta(
-                request_id=seq.request_id,
-                index=seq.index,
-                new_token_ids=[st.token_id],
-                new_logprobs=None if st.logprob is None else [st.logprob],
-                new_top_logprobs=None if st.top_logprobs is None else [list(st.top_logprobs)],
-                new_ranks=None if st.logprob is None else [st.rank],
-                finish_reason=reason,
-                stop_reason=stop_reason,
-                num_prompt_tokens=len(seq.prompt_token_ids),
-                num_cached_tokens=seq.num_cached_tokens,
-                prompt_logprobs=self.prompt_logprobs.take(seq.seq_id, seq.prompt_token_ids),
-            ))
             if reason is not None:
-                self._finish(seq, reason, stop_reason)
-        return deltas
+                break
+        delta = SeqOutputDelta.of_tokens(seq.request_id, seq.index, kept, reason, stop_reason,
+                                         len(seq.prompt_token_ids), seq.num_cached_tokens,
+                                         self.prompt_logprobs.take(seq.seq_id, seq.prompt_token_ids))
+        if reason is not None:
+            self._finish(seq, reason, stop_reason)
+        return delta
 
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        p = seq.params
-        n_out = len(seq.output_token_ids)
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in seq.eos_token_ids:
-                return "stop", None
-            if token in p.stop_token_ids:
-                return "stop", token
-        if p.max_tokens is not None and n_out >= p.max_tokens:
-            return "length", None
-        if seq.num_tokens >= self.max_model_len:
-            return "length", None
-        return None, None
+    def _usable_drafts(self, seq: Sequence, drafts: list[int]) -> list[int]:
+        """Drafts the next step may verify (a constrained sequence keeps the prefix its grammar accepts)."""
+        drafts = drafts[: seq.draft_room()]
+        if drafts and self.structured is not None and self.structured.is_constrained(seq.seq_id):
+            drafts = drafts[: self.structured.valid_prefix(seq.seq_id, drafts)]
+        return drafts
 
     # ---- transitions --------------------------------------------------------------------------
     def _key(self, seq: Sequence) -> tuple:
@@ -320,6 +343,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.needs_setup = True  # the runner rebuilds its state (penalty counts, generator) on return
@@ -360,22 +384,16 @@ class Scheduler:
             if seq is not None:
                 self._fail(seq, msg)
 
-    def _never_fits_msg(self, seq: Sequence) -> str:
-        return (f"sequence {seq.seq_id} needs KV cache for {seq.num_tokens} tokens, more than the cache holds "
-                f"({self.kv.capacity_tokens()} tokens); raise kv_cache_memory or lower max_model_len")
-
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_cache_usage=self.kv.usage(),
-            prefix_cache_queries=self.kv.prefix_queries,
-            prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions,
-            num_blocks_total=self.kv.num_blocks_total,
-            num_blocks_free=self.kv.num_blocks_free,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
+            **self.kv.stats(),
             **(self.grammar_waiting.stats() if self.grammar_waiting is not None else {}),
+            **self.spec_stats.as_stats(),
+            **self.lora_slots.stats(self.running, self.waiting),
         )

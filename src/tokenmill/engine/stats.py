@@ -33,6 +33,42 @@ class SchedulerStats:
     num_grammar_compile_failures: int = 0
     grammar_compile_seconds_sum: float = 0.0
     grammar_compile_seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(GRAMMAR_COMPILE_BUCKETS_S))
+    # Speculative decoding (cumulative, vLLM's meanings): drafts (sequence-steps that verified proposals), draft
+    # tokens verified, accepted tokens, and per draft position how often it was accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+    # Multi-LoRA: adapters in the running batch (gauge), requests per adapter name (cumulative), swaps (cumulative:
+    # adapters loaded into a slot of the stacked weights), adapters held in memory (gauge).
+    lora_running: list[str] = field(default_factory=list)
+    lora_waiting: list[str] = field(default_factory=list)
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    lora_num_swaps: int = 0  # cumulative: adapters written into a slot of the stacked weights
+    lora_num_loaded: int = 0  # gauge: adapters held in memory (parsed, at most max_cpu_loras)
+
+
+@dataclass(slots=True)
+class SpecDecodeCounts:
+    """The scheduler's running totals of speculative decoding (copied into SchedulerStats.spec_*)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        self.accepted_per_pos.extend([0] * (num_drafts - len(self.accepted_per_pos)))
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+
+    def as_stats(self) -> dict[str, object]:
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_accepted_per_pos": list(self.accepted_per_pos)}
 
 
 # Seconds between the periodic stats lines of a serving engine (vLLM's VLLM_LOG_STATS_INTERVAL default).
@@ -63,13 +99,27 @@ class StatsLogger:
             queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
         active = prompt > 0 or gen > 0 or stats.num_running > 0 or stats.num_waiting > 0
         due = active or self._was_active
+        last = self._last
         self._t, self._last, self._was_active = now, stats, active
         if not due:
             return None
         hit_rate = 100.0 * hits / queries if queries > 0 else 0.0
-        return (f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {gen / dt:.1f} "
+        text = (f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {gen / dt:.1f} "
                 f"tokens/s, Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
                 f"KV cache usage: {100.0 * stats.kv_cache_usage:.1f}%, Prefix cache hit rate: {hit_rate:.1f}%")
+        return text + _spec_decode_text(stats, last)
+
+
+def _spec_decode_text(stats: SchedulerStats, last: SchedulerStats) -> str:
+    """vLLM's speculative-decoding figures over the interval: acceptance rate and mean accepted length (the
+    tokens one verifying step emits: accepted drafts + 1); "" when no draft was verified in it."""
+    drafts = stats.spec_num_drafts - last.spec_num_drafts
+    draft_tokens = stats.spec_num_draft_tokens - last.spec_num_draft_tokens
+    if drafts <= 0 or draft_tokens <= 0:
+        return ""
+    accepted = stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens
+    return (f", Spec decode: acceptance rate {100.0 * accepted / draft_tokens:.1f}%, mean accepted length "
+            f"{1 + accepted / drafts:.2f}")
 
 
 async def log_stats_forever(get_stats: Callable[[], SchedulerStats], interval_s: float,

@@ -33,8 +33,11 @@ from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
 from tokenmill.layers.linear import prepare_linears_for_cpu
-from tokenmill.layers.sampler import Sampler, SeqSamplingState
+from tokenmill.layers.sampler import Sampler, SeqSamplingState, needs_penalties
+from tokenmill.lora.manager import LoRAManager
 from tokenmill.model.loader import LoadedModel, load_model
+from tokenmill.spec_decode.proposer import ProposalInput, build_proposer
+from tokenmill.spec_decode.verify import accept, row_states
 
 log = logging.getLogger("tokenmill.executor")
 
@@ -58,6 +61,8 @@ class ModelRunner:
             self.cpu_kernels = load_cpu_kernels()  # None (PyTorch paths) when no compiler is available
         if self.device.type == "cpu":
             prepare_linears_for_cpu(self.model, self.cpu_kernels, final=True)
+        # After the CPU layouts: LoRA wraps each projection's prepared forward (tokenmill/lora/).
+        self.lora = LoRAManager(self.model, config.lora, self.device) if config.lora is not None else None
         if self.cpu_kernels is not None:
             for module in self.model.modules():  # norms and gated activations with a native fast path
                 if hasattr(module, "use_cpu_kernels"):
@@ -67,6 +72,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.model.seed)
         self.states: dict[str, SeqSamplingState] = {}
+        self.proposer = build_proposer(config, self.loaded) if config.speculative is not None else None
         self._logits: torch.Tensor | None = None  # reused every step: see _logits_buffer
         self.kv_cache_groups: list[KVCacheGroupSpec] = []
         self.num_blocks: list[int] = []
@@ -170,6 +176,8 @@ class ModelRunner:
         state = self.states.pop(seq_id, None)
         if state is not None:
             self.sampler.release(state)
+        if self.proposer is not None:
+            self.proposer.release(seq_id)
 
     # ---- step -----------------------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> ModelOutput:
@@ -178,23 +186,42 @@ class ModelRunner:
             return ModelOutput(sampled=[])
         with torch.inference_mode():
             input_ids, positions, ctx, sample_idx = self._prepare(so.seqs)
+            if self.lora is not None:
+                self.lora.set_batch(so.seqs)  # each token's adapter slot, read by the wrapped layers
             hidden = self.model(input_ids, positions, ctx)
             prompt_lps = self._prompt_logprobs(hidden, so.seqs)
             sampling = [s for s in so.seqs if s.sample]
             if not sampling:
                 return ModelOutput(sampled=[], prompt_logprobs=prompt_lps)
-            logits = self.model.compute_logits(hidden.index_select(0, sample_idx), self._logits_buffer(len(sampling)))
-            states = [self.states[s.seq_id] for s in sampling]
+            logits = self.model.compute_logits(hidden.index_select(0, sample_idx), self._logits_buffer(len(sample_idx)))
+            states = row_states(sampling, [self.states[s.seq_id] for s in sampling])
             for st in states:
                 if st.generator is not None:
                     # Seed per output index: a preempted, re-sent sequence continues exactly where it stopped.
                     st.generator.manual_seed((st.seed * 1_000_003 + len(st.output_token_ids)) % (1 << 63))
             rows = self.sampler(logits, states, self.generator, so.grammar_bitmask)
         out = []
-        for seq, st, row in zip(sampling, states, rows):
-            st.output_token_ids.append(row.token_id)
-            out.append(SampledToken(seq.seq_id, row.token_id, row.logprob, row.top_logprobs, rank=row.rank))
-        return ModelOutput(sampled=out, prompt_logprobs=prompt_lps)
+        for seq, emitted in zip(sampling, accept(sampling, rows)):
+            st = self.states[seq.seq_id]
+            for row in emitted:
+                st.output_token_ids.append(row.token_id)
+                out.append(SampledToken(seq.seq_id, row.token_id, row.logprob, row.top_logprobs, rank=row.rank))
+        drafts = self._propose(sampling) if self.proposer is not None else {}
+        return ModelOutput(sampled=out, prompt_logprobs=prompt_lps, draft_token_ids=drafts)
+
+    def _propose(self, sampling: list[ScheduledSeq]) -> dict[str, list[int]]:
+        """Drafts for the next step, unless this step decodes more sequences than speculation pays for.
+        Sequences with penalties get none (their counts would need one row per draft position)."""
+        spec = self.config.speculative
+        if spec.disable_by_batch_size is not None and len(sampling) > spec.disable_by_batch_size:
+            return {}
+        batch = []
+        for seq in sampling:
+            st = self.states[seq.seq_id]
+            if not needs_penalties(st.params):
+                batch.append(ProposalInput(seq.seq_id, st.prompt_token_ids + st.output_token_ids,
+                                           spec.num_speculative_tokens))
+        return self.proposer.propose(batch) if batch else {}
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[ScheduledSeq]) -> list[PromptLogprobs]:
         """Only chunks that ask for them pay for logits at every prompt position."""
@@ -215,8 +242,8 @@ class ModelRunner:
                 raise ValueError(f"seq {s.seq_id!r} exceeds max_model_len={self.loaded.max_model_len}")
             ids.extend(s.token_ids)
             pos.extend(range(s.start_pos, s.start_pos + n))
-            if s.sample:
-                sample_idx.append(len(ids) - 1)
+            if s.sample:  # the last position, and one more per draft token to verify
+                sample_idx.extend(range(len(ids) - 1 - s.num_draft_tokens, len(ids)))
             query_lens.append(n)
             start_pos.append(s.start_pos)
         metadata = [

@@ -123,8 +123,14 @@ class Gateway:
         names: list[str] = []
         for p in self.pools.values():
             names += list(p.model_names) or [p.config.model or p.name]
+            names += p.adapters()
         names += list(self.model_router.routes)
         return list(dict.fromkeys(names))
+
+    def adapter_parents(self) -> dict[str, str]:
+        """LoRA adapter name -> the base model of its pool (the `parent` of its /v1/models entry)."""
+        return {a: (p.model_names or (p.config.model or p.name,))[0]
+                for p in self.pools.values() for a in p.adapters()}
 
     def dashboard_extra(self) -> dict:
         return {**process_info(self.started, {}),
@@ -183,9 +189,12 @@ class Gateway:
                                   "rate_limit_error", "rate_limit_exceeded", retry_after=wait)
         priority = caller.priority + _request_priority(body, hdrs.get(self.config.queue.priority_header.lower()))
         key_text = hdrs.get("x-session-id")
-        if key_text is None and pool.config.policy == "affinity":
+        adapter = model if isinstance(model, str) and model in pool.adapters() else None
+        if adapter is not None:  # affinity: one adapter's traffic stays on its home replicas (warm slots)
+            key_text = f"lora:{adapter}"
+        elif key_text is None and pool.config.policy == "affinity":
             key_text = prompt_text(body)[: pool.config.affinity_prefix_chars] or None
-        ctx = RouteContext(affinity_key=key_text)
+        ctx = RouteContext(affinity_key=key_text, adapter=adapter)
         return await self._forward(pool, path, body, raw, hdrs, ctx, priority, caller.name, arrived, extra_headers)
 
     async def _admit(self, pool: Pool, ctx: RouteContext, priority: int, key: str,
@@ -216,7 +225,7 @@ class Gateway:
         whole: bytes | None = None  # the full body, for anything that is not a 200 stream
         up = self.config.upstream
         for attempt in (0, 1):
-            content = _body_for(replica.model_names or pool.model_names, body, raw)
+            content = raw if ctx.adapter is not None else _body_for(replica.model_names or pool.model_names, body, raw)
             try:
                 opened = await open_upstream(self.upstream, f"{replica.url}{path}", content, up_headers,
                                              up.first_byte_timeout_s, stream, up.request_timeout_s)
@@ -327,8 +336,10 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         now = int(time.time())
+        parents = gw.adapter_parents()
         return JSONResponse({"object": "list", "data": [
-            {"id": m, "object": "model", "created": now, "owned_by": "tokenmill"} for m in gw.model_list()]})
+            {"id": m, "object": "model", "created": now, "owned_by": "tokenmill",
+             **({"parent": parents[m]} if m in parents else {})} for m in gw.model_list()]})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -23,7 +23,7 @@ import httpx
 
 from tokenmill.gateway.actuators import Actuator
 from tokenmill.gateway.config import AutoscaleConfig
-from tokenmill.gateway.health import fetch_model_names
+from tokenmill.gateway.health import fetch_models
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pool import Pool
 from tokenmill.gateway.replicas import Replica, ReplicaState
@@ -169,9 +169,10 @@ class PoolScaler:
         placeholder.url = url
         placeholder.max_concurrency = self.pool.config.max_concurrency
         if await self._wait_ready(url):
-            placeholder.model_names = await fetch_model_names(self._client, url, 5.0)
-            if self.pool.config.model is None:
-                self.pool.model_names = tuple(dict.fromkeys(self.pool.model_names + placeholder.model_names))
+            placeholder.model_names, placeholder.adapters = await fetch_models(self._client, url, 5.0) or ((), frozenset())
+            if self.pool.config.model is None:  # LoRA adapters are listed from the replicas (Pool.adapters)
+                base = tuple(n for n in placeholder.model_names if n not in placeholder.adapters)
+                self.pool.model_names = tuple(dict.fromkeys(self.pool.model_names + base))
             self._failed_starts = 0
             if placeholder.state is ReplicaState.STARTING:
                 placeholder.readmit()

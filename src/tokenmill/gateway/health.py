@@ -53,14 +53,18 @@ def quiet_poll_logs() -> None:
             logger.addFilter(_PollsAtDebug(only_polls))
 
 
-async def fetch_model_names(client: httpx.AsyncClient, url: str, timeout_s: float) -> tuple[str, ...]:
+async def fetch_models(client: httpx.AsyncClient, url: str,
+                       timeout_s: float) -> tuple[tuple[str, ...], frozenset[str]] | None:
+    """(every model id, the LoRA adapters among them) from the replica's /v1/models, None when it did not
+    answer. An adapter is an entry with a `parent` (the base model it runs on, as vLLM lists them)."""
     try:
         resp = await client.get(f"{url}/v1/models", timeout=timeout_s)
         if resp.status_code == 200:
-            return tuple(m["id"] for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m)
+            cards = [m for m in resp.json().get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            return tuple(m["id"] for m in cards), frozenset(m["id"] for m in cards if m.get("parent"))
     except (httpx.HTTPError, ValueError, KeyError, AttributeError):
         pass
-    return ()
+    return None
 
 
 class HealthChecker:
@@ -98,8 +102,10 @@ class HealthChecker:
         ok = await self.probe(replica)
         now = time.monotonic()
         if ok:
-            if not replica.model_names:
-                replica.model_names = await fetch_model_names(self._client, replica.url, self.config.timeout_s)
+            # every check: LoRA adapters come and go at run time (/v1/load_lora_adapter)
+            got = await fetch_models(self._client, replica.url, self.config.timeout_s)
+            if got is not None and got[0]:
+                replica.model_names, replica.adapters = got
                 self._merge_names(pool, replica)
             if replica.state is ReplicaState.STARTING:
                 replica.readmit()
@@ -111,15 +117,16 @@ class HealthChecker:
                 pool.dispatch()
             elif replica.state is ReplicaState.READY:
                 replica.record_success()
-        elif replica.state is ReplicaState.READY:
-            if replica.record_failure(self.config.failure_threshold, now):
-                self._metrics.ejections.labels(pool.name, replica.url).inc()
-                log.warning("pool %s: ejected %s (health check failed)", pool.name, replica.url)
+        elif replica.state is ReplicaState.READY and replica.record_failure(self.config.failure_threshold, now):
+            self._metrics.ejections.labels(pool.name, replica.url).inc()
+            log.warning("pool %s: ejected %s (health check failed)", pool.name, replica.url)
 
     @staticmethod
     def _merge_names(pool: Pool, replica: Replica) -> None:
+        # adapters are not the pool's own names: they are listed while a replica serves them (Pool.adapters)
         if pool.config.model is None:
-            pool.model_names = tuple(dict.fromkeys(pool.model_names + replica.model_names))
+            base = tuple(n for n in replica.model_names if n not in replica.adapters)
+            pool.model_names = tuple(dict.fromkeys(pool.model_names + base))
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check_replica(p, r) for p in self._pools for r in list(p.replicas)))

@@ -103,8 +103,14 @@ class Pool:
             r.begin()
             w.item.future.set_result(r)
 
+    def adapters(self) -> list[str]:
+        """LoRA adapter names some replica of this pool serves (from their /v1/models), in first-seen order."""
+        return list(dict.fromkeys(a for r in self.replicas for a in sorted(r.adapters)))
+
     def _choose(self, ctx: RouteContext, exclude: frozenset[str]) -> Replica | None:
         ready = self.ready_replicas()
+        if ctx.adapter is not None:  # only replicas serving the adapter (all, if none is known to: stale lists)
+            ready = [r for r in ready if ctx.adapter in r.adapters] or ready
         if exclude:
             others = [r for r in ready if r.url not in exclude]
             ready = others or ready

@@ -38,7 +38,8 @@ class Replica:
     consecutive_failures: int = 0
     ejected_at: float | None = None
     total_requests: int = 0
-    model_names: tuple[str, ...] = ()
+    model_names: tuple[str, ...] = ()  # every id of its /v1/models, the base model first
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters among them (ids listed with a `parent`)
     load: ScrapedLoad = field(default_factory=ScrapedLoad)
 
     @property

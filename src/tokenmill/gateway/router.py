@@ -19,9 +19,11 @@ from tokenmill.gateway.replicas import Replica
 
 @dataclass(frozen=True, slots=True)
 class RouteContext:
-    """What a policy may look at: the affinity key (x-session-id, or the prompt's first characters)."""
+    """What a policy may look at: the affinity key (x-session-id, or the prompt's first characters; for a
+    LoRA adapter, its name) and the adapter the request names (None: the base model)."""
 
     affinity_key: str | None = None
+    adapter: str | None = None
 
 
 class Policy(Protocol):
@@ -127,13 +129,18 @@ class Affinity:
     def __init__(self, load_factor: float = 1.25, vnodes: int = 64) -> None:
         self.load_factor = load_factor
         self._vnodes = vnodes
-        self._ring: HashRing | None = None
+        self._rings: dict[frozenset[str], HashRing] = {}
         self._fallback = LeastOutstanding()
 
     def _ring_for(self, urls: Sequence[str]) -> HashRing:
-        if self._ring is None or self._ring.members != frozenset(urls):
-            self._ring = HashRing(urls, self._vnodes)
-        return self._ring
+        # one ring per replica set: requests for an adapter see only the replicas serving it
+        members = frozenset(urls)
+        ring = self._rings.get(members)
+        if ring is None:
+            if len(self._rings) >= 64:  # replica sets change rarely; drop stale rings wholesale
+                self._rings.clear()
+            ring = self._rings[members] = HashRing(urls, self._vnodes)
+        return ring
 
     def cap(self, ready: Sequence[Replica]) -> int:
         """Most in-flight requests one replica may hold, counting the one being placed."""

@@ -45,7 +45,7 @@ class SampledRow:
     top_logprobs: list[tuple[int, float]] | None
 
 
-def _needs_penalties(p: SamplingParams) -> bool:
+def needs_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
@@ -151,7 +151,7 @@ class Sampler:
             logits[torch.tensor(mask_rows, device=dev), torch.tensor(mask_cols, device=dev)] = float("-inf")
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> None:
-        which = [i for i, s in enumerate(states) if _needs_penalties(s.params)]
+        which = [i for i, s in enumerate(states) if needs_penalties(s.params)]
         if not which:
             return
         dev = logits.device

@@ -32,6 +32,8 @@ from tokenmill.server.errors import (
     unavailable,
 )
 from tokenmill.server.files_api import files_router
+from tokenmill.server.lora_api import LoRARegistry, load_static_adapters, lora_router
+from tokenmill.server.lora_metrics import LoRAMetrics
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openapi import install_openapi, route_doc
 from tokenmill.server.protocol import (
@@ -83,8 +85,11 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     started = time.time()
     names = [engine_config.model.served_model_name or engine_config.model.model or DEFAULT_MODEL_NAME]
     state = ServerState(engine_config=engine_config, server_config=server_config, served_model_names=names,
-                        registry=registry, metrics=ServerMetrics(registry, names[0]), chat_template=chat_template,
-                        created=int(time.time()))
+                        registry=registry, metrics=ServerMetrics(registry, names[0], _spec_tokens(engine_config)),
+                        chat_template=chat_template, created=int(time.time()))
+    state.loras = LoRARegistry.from_config(names[0], engine_config.lora)
+    if engine_config.lora is not None:
+        state.lora_metrics = LoRAMetrics(registry, names[0], engine_config.lora.max_loras)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,6 +214,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                 "num_blocks_total": stats.num_blocks_total if stats is not None else None}
 
     app.include_router(files_router(state))
+    app.include_router(lora_router(state))
     app.include_router(batches_router(state))
     app.include_router(dashboard_router(registry, extra=dashboard_extra))
     return app
@@ -225,12 +231,25 @@ def refresh_engine_metrics(state: ServerState) -> Any:
     state.metrics.update_engine(stats.num_running, stats.num_waiting, stats.kv_cache_usage,
                                 stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
     state.metrics.update_grammar(stats)
+    state.metrics.update_spec(stats)
+    if state.lora_metrics is not None:
+        state.lora_metrics.update(stats, len(state.loras.adapters))
     return stats
+
+
+def _spec_tokens(config: EngineConfig) -> int:
+    """Drafts per step (0: no speculative decoding), for the per-position metric's labels."""
+    return config.speculative.num_speculative_tokens if config.speculative is not None else 0
 
 
 async def _run_engine(state: ServerState, factory: EngineFactory) -> None:
     """Load the engine, then keep it running (restarts after a core death, see core_supervisor)."""
     if await _load(state, factory):
+        if not await load_static_adapters(state):
+            failed = state.extra.get("on_fatal")
+            if failed is not None:
+                failed()
+            return
         await supervise(state, factory)
 
 

@@ -80,6 +80,10 @@ def serve_command(
         help="Secret mixed into every prefix-cache block hash (env TOKENMILL_PREFIX_CACHE_SALT, which keeps it "
              "out of the process list): hashes cannot be predicted without it. Requests isolate themselves "
              "from each other with `cache_salt`.")] = _C.prefix_cache_salt,
+    speculative_config: Annotated[str | None, typer.Option(
+        help="Speculative decoding as JSON, vLLM's keys: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+             "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"model\": DRAFT_PATH, "
+             "\"num_speculative_tokens\": 4}'; also disable_by_batch_size. Default: off (docs/speculative.md).")] = None,
     scheduling_policy: Annotated[str, typer.Option(
         help="fcfs | priority. Both admit lower `priority` values first, then by arrival (requests default to 0, "
              "Batch API lines run at 1); priority also preempts running lower-priority sequences for a "
@@ -130,6 +134,24 @@ def serve_command(
         min=1, help="Batch-API lines in the engine at once while interactive requests are in flight (each "
                     "running line slows every step); the batch fills up to --max-batch-inflight again when "
                     "interactive traffic stops.")] = _V.batch.max_inflight_shared,
+    enable_lora: Annotated[bool, typer.Option(
+        "--enable-lora", help="Serve LoRA adapters on the base model: a request picks one by its `model` "
+                              "field (docs/lora.md).")] = False,
+    lora_modules: Annotated[list[str] | None, typer.Option(
+        help="Adapters served from start: name=path [name=path ...], or JSON '{\"name\": .., \"path\": ..}' "
+             "(vLLM's forms); each path a PEFT folder. Needs --enable-lora.")] = None,
+    max_loras: Annotated[int | None, typer.Option(
+        help="Adapters that can run in one step (slots of stacked weights; default 1). Requests for more "
+             "adapters wait for a slot without blocking others.")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(
+        help="Largest adapter rank accepted (default 16); the stacked weights are sized for it.")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(
+        help="Adapters kept loaded in memory, least recently used dropped first (default: --max-loras).")] = None,
+    allow_runtime_lora_updating: Annotated[bool, typer.Option(
+        "--allow-runtime-lora-updating", envvar="TOKENMILL_ALLOW_RUNTIME_LORA_UPDATING",
+        help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (env "
+             "TOKENMILL_ALLOW_RUNTIME_LORA_UPDATING=True, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING). They read "
+             "adapter folders from this server's disk, so they are off by default.")] = False,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)."""
     from tokenmill.config import EngineConfig, ModelConfig
@@ -149,6 +171,9 @@ def serve_command(
         raise typer.BadParameter(f"{quantization!r}: must be one of {', '.join(QUANTIZATION_METHODS)}",
                                  param_hint="--quantization") from None
     placement = _cpu_placement(num_threads, cpu_cores)
+    speculative = _speculative(speculative_config)
+    lora = _lora(enable_lora, max_loras, max_lora_rank, max_cpu_loras, lora_modules, allow_runtime_lora_updating)
+    _check_adapter_names(lora, served_model_name or model)
     engine_config = EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, task=task,
                           served_model_name=served_model_name, chat_template=template, seed=seed,
@@ -158,7 +183,8 @@ def serve_command(
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   policy=scheduling_policy),
         num_threads=num_threads, cpu_cores=placement.cores if placement.pinned else None,
-        log_stats_interval_s=_stats_interval(log_stats_interval, disable_log_stats),
+        log_stats_interval_s=_stats_interval(log_stats_interval, disable_log_stats), speculative=speculative,
+        lora=lora,
     )
     server_config = ServerConfig(host=host, port=port, api_key=api_key or None,
                                  max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
@@ -167,7 +193,8 @@ def serve_command(
                                  metrics_open=metrics_open, trust_request_chat_template=trust_request_chat_template,
                                  tool_call_parser=_tool_parser(enable_auto_tool_choice, tool_call_parser),
                                  batch=BatchConfig(batch_dir=batch_dir, max_inflight=max_batch_inflight,
-                                                   max_inflight_shared=max_batch_inflight_shared))
+                                                   max_inflight_shared=max_batch_inflight_shared),
+                                 allow_runtime_lora_updating=allow_runtime_lora_updating)
     raise typer.Exit(run_server(engine_config, server_config, template, log_level))
 
 
@@ -184,6 +211,62 @@ def _tool_parser(enabled: bool, name: str | None) -> str | None:
         raise typer.BadParameter("a tool-call parser is used only with --enable-auto-tool-choice; add it",
                                  param_hint="--enable-auto-tool-choice")
     return name
+
+
+def _speculative(text: str | None):
+    from tokenmill.spec_decode.config import parse_speculative_config
+
+    try:
+        return parse_speculative_config(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--speculative-config") from None
+
+
+def _lora(enable: bool, max_loras: int | None, max_lora_rank: int | None, max_cpu_loras: int | None,
+          modules: list[str] | None, runtime_updating: bool):
+    """--enable-lora and friends -> LoRAConfig (None: off), one-line errors under the option's name."""
+    from tokenmill.engine.args import lora_config
+
+    if runtime_updating and not enable:
+        raise typer.BadParameter("loading adapters at run time needs --enable-lora", param_hint="--enable-lora")
+    try:
+        return lora_config(enable, max_loras, max_lora_rank, max_cpu_loras, modules)
+    except ValueError as e:
+        field = str(e).removeprefix("invalid ").split("=")[0].split(":")[0].split(" ")[0]
+        raise typer.BadParameter(str(e), param_hint="--" + field.replace("_", "-")) from None
+
+
+def _check_adapter_names(lora, base_name: str | None) -> None:
+    """A request's `model` picks the base model or an adapter by name, so the names must differ."""
+    from tokenmill.model.default_model import DEFAULT_MODEL_NAME
+
+    base_name = base_name or DEFAULT_MODEL_NAME
+    clash = next((n for n, _ in (lora.lora_modules if lora else ()) if n == base_name), None)
+    if clash is not None:
+        raise typer.BadParameter(f"the adapter name {clash!r} is the served model's name; give it another name",
+                                 param_hint="--lora-modules")
+
+
+def expand_lora_modules(argv: list[str]) -> list[str]:
+    """vLLM's `--lora-modules a=p b=q` (several values after one flag) -> `--lora-modules a=p --lora-modules
+    b=q`, which click parses. Values are the words after the flag up to the next option, while they look like
+    name=path or a JSON object (so a MODEL argument after them stays the model)."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--lora-modules":
+            i += 1
+            first = True
+            while i < len(argv) and (first or _looks_like_lora_module(argv[i])):
+                out += ([] if first else ["--lora-modules"]) + [argv[i]]
+                first, i = False, i + 1
+            continue
+        i += 1
+    return out
+
+
+def _looks_like_lora_module(word: str) -> bool:
+    return not word.startswith("-") and ("=" in word or word.lstrip().startswith("{"))
 
 
 def _stats_interval(seconds: float, disabled: bool) -> float | None:

@@ -63,9 +63,11 @@ class _GrammarCompileCollector(Collector):
 class ServerMetrics:
     """All server metrics of one process, registered in `registry`."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str, num_speculative_tokens: int = 0) -> None:
         self.registry = registry
         self.model_name = model_name
+        # Only with speculative decoding configured, as vLLM (no spec_decode series on a server without it).
+        self.spec = SpecDecodeMetrics(registry, model_name, num_speculative_tokens) if num_speculative_tokens else None
         lbl = ["model_name"]
         r = registry
         self._running = Gauge("tokenmill_num_requests_running", "Requests in the running batch.", lbl, registry=r)
@@ -127,6 +129,8 @@ class ServerMetrics:
         and the gauges read zero until it reports (the dead core's requests have all failed)."""
         self._last_cum = dict.fromkeys(self._last_cum, 0)
         self.update_engine(0, 0, 0.0, 0, 0, 0)
+        if self.spec is not None:
+            self.spec.restarted()
 
     def observe_core_restart(self) -> None:
         self._core_restarts.labels(self.model_name).inc()
@@ -143,6 +147,11 @@ class ServerMetrics:
             self._compile.buckets = list(stats.grammar_compile_seconds_buckets)
             self._compile.count = stats.num_grammar_compiles
             self._compile.sum = stats.grammar_compile_seconds_sum
+
+    def update_spec(self, stats: SchedulerStats) -> None:
+        """Copy the core's cumulative speculative-decoding counts (nothing without speculative decoding)."""
+        if self.spec is not None:
+            self.spec.update(stats)
 
     def observe_constrained(self, kind: str) -> None:
         """One admitted request decoding under a constraint of `kind` (one of CONSTRAINT_KINDS)."""
@@ -173,3 +182,47 @@ class ServerMetrics:
                 self._prefill.labels(m).observe(max(0.0, timing.first_token - timing.scheduled))
         if timing.first_token is not None and timing.last_token is not None:
             self._decode.labels(m).observe(max(0.0, timing.last_token - timing.first_token))
+
+
+class SpecDecodeMetrics:
+    """tokenmill_spec_decode_* (vLLM's vllm:spec_decode_*): counters fed from the core's cumulative
+    SchedulerStats.spec_* figures, turned into increments so a core restart never steps them back."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, num_speculative_tokens: int) -> None:
+        lbl, r = ["model_name"], registry
+        self.model_name = model_name
+        self._drafts = Counter("tokenmill_spec_decode_num_drafts", "Speculative drafts verified (one per "
+                               "sequence per step that verified proposed tokens).", lbl, registry=r)
+        self._draft_tokens = Counter("tokenmill_spec_decode_num_draft_tokens", "Proposed tokens verified.", lbl,
+                                     registry=r)
+        self._accepted = Counter("tokenmill_spec_decode_num_accepted_tokens", "Proposed tokens accepted.", lbl,
+                                 registry=r)
+        self._per_pos = Counter("tokenmill_spec_decode_num_accepted_tokens_per_pos", "Proposed tokens accepted, "
+                                "by position in the draft (0: the first proposed token).", lbl + ["position"],
+                                registry=r)
+        for c in (self._drafts, self._draft_tokens, self._accepted):
+            c.labels(model_name)  # zeros from the start, so rate() works from the first draft
+        for pos in range(num_speculative_tokens):
+            self._per_pos.labels(model_name, str(pos))
+        self._last = {"d": 0, "t": 0, "a": 0}
+        self._last_pos: list[int] = []
+
+    def update(self, stats: SchedulerStats) -> None:
+        m = self.model_name
+        for key, counter, value in (("d", self._drafts, stats.spec_num_drafts),
+                                    ("t", self._draft_tokens, stats.spec_num_draft_tokens),
+                                    ("a", self._accepted, stats.spec_num_accepted_tokens)):
+            if value > self._last[key]:
+                counter.labels(m).inc(value - self._last[key])
+                self._last[key] = value
+        per_pos = stats.spec_accepted_per_pos
+        self._last_pos += [0] * (len(per_pos) - len(self._last_pos))
+        for pos, value in enumerate(per_pos):
+            if value > self._last_pos[pos]:
+                self._per_pos.labels(m, str(pos)).inc(value - self._last_pos[pos])
+                self._last_pos[pos] = value
+
+    def restarted(self) -> None:
+        """A new core counts from zero."""
+        self._last = dict.fromkeys(self._last, 0)
+        self._last_pos = [0] * len(self._last_pos)

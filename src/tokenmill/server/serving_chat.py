@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.errors import APIError, invalid_param
 from tokenmill.server.logprobs import chat_logprobs
+from tokenmill.server.lora_api import lora_for
 from tokenmill.server.prompt_logprobs import prompt_logprobs_json
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
 from tokenmill.server.serving_engine import (
@@ -147,7 +148,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     rid = new_request_id("chatcmpl")
     echo = body.messages[-1].text() if body.echo and body.messages[-1].role == "assistant" else ""
     ctx = _Ctx(rid, int(time.time()), model, body, len(ids), engine.tokenizer, echo, plan)
-    stream = generate(state, ids, params, rid, body.priority, slot, "tools" if plan.constrained else None)
+    stream = generate(state, ids, params, rid, body.priority, slot, "tools" if plan.constrained else None,
+                      lora_request=lora_for(state, model))
     if body.stream:
         return sse_response(_stream(ctx, stream))
     return JSONResponse(await until_disconnect(request, _full(ctx, stream)))

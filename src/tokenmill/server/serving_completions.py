@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.errors import APIError, invalid_param
 from tokenmill.server.logprobs import completion_logprobs
+from tokenmill.server.lora_api import lora_for
 from tokenmill.server.prompt_logprobs import echo_prompt_logprobs, prompt_logprobs_json
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving_engine import (
@@ -109,7 +110,8 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     slots = admit(state, body.n, len(prompts))
     rid = new_request_id("cmpl")
     created = int(time.time())
-    streams = [generate(state, ids, p, f"{rid}-{i}", body.priority, slot)
+    lora = lora_for(state, model)
+    streams = [generate(state, ids, p, f"{rid}-{i}", body.priority, slot, lora_request=lora)
                for i, ((_, ids), p, slot) in enumerate(zip(prompts, params, slots))]
     ctx = _Ctx(rid, created, model, body, prompts, engine.tokenizer)
     if body.stream:

@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenmill.config import ServerConfig
 from tokenmill.engine.errors import EngineDeadError, RequestError
+from tokenmill.lora.request import LoRARequest
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.body import read_body  # noqa: F401 - re-exported: handlers and batch/ import it here
 from tokenmill.server.errors import (
@@ -47,10 +48,14 @@ def check_generate(state: ServerState, model: str) -> None:
 
 
 def check_model(state: ServerState, model: str | None) -> str:
-    """The served name to report; 404 for a name this server does not serve. None means the default."""
+    """The served name to report (the base model or a LoRA adapter's name, server/lora_api.py); 404 for a
+    name this server does not serve. None means the default."""
     if model is None or model in state.served_model_names:
         return model or state.served_model_names[0]
-    raise model_not_found(model, state.served_model_names)
+    adapters = list(state.loras.adapters) if state.loras is not None else []
+    if model in adapters:
+        return model
+    raise model_not_found(model, state.served_model_names + adapters)
 
 
 def sampling_params(body: Any, max_tokens: int | None, logprobs: int | None, num_prompt_tokens: int,
@@ -175,7 +180,8 @@ def new_request_id(prefix: str) -> str:
 
 
 async def generate(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                   priority: int, reservation: Reservation, constraint_kind: str | None = None) -> AsyncIterator[Any]:
+                   priority: int, reservation: Reservation, constraint_kind: str | None = None,
+                   lora_request: LoRARequest | None = None) -> AsyncIterator[Any]:
     """One engine request as an async iterator of RequestOutput deltas.
 
     Records metrics as tokens arrive; a constrained request is counted by kind (`constraint_kind` names a
@@ -194,7 +200,9 @@ async def generate(state: ServerState, prompt_ids: list[int], params: SamplingPa
         log_received(request_id, prompt_ids, params, engine.tokenizer)
     if params.structured_outputs is not None:
         state.metrics.observe_constrained(constraint_kind or params.structured_outputs.kind)
-    stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority)
+    # lora_request only when set: engines without LoRA (test doubles, embedding servers) need not accept it
+    stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, priority=priority,
+                             **({"lora_request": lora_request} if lora_request is not None else {}))
     try:
         try:
             async for out in stream:

@@ -6,6 +6,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.errors import invalid_param
+from tokenmill.server.lora_api import adapter_cards
 from tokenmill.server.protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.server.serving_chat import render_and_tokenize
 from tokenmill.server.serving_engine import check_model, check_ready, read_body
@@ -59,4 +60,5 @@ def list_models(state: ServerState) -> Response:
              "root": state.engine_config.model.model or name, "parent": None, "max_model_len": max_len,
              **({"metadata": meta} if meta else {})}
             for name in state.served_model_names]
+    data += adapter_cards(state, state.created, max_len)
     return JSONResponse({"object": "list", "data": data})

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from tokenmill.server.lora_api import LoRARegistry
+    from tokenmill.server.lora_metrics import LoRAMetrics
 
 
 @dataclass(slots=True)
@@ -34,6 +38,8 @@ class ServerState:
     last_num_waiting: int = 0
     created: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    loras: LoRARegistry | None = None  # served LoRA adapters (server/lora_api.py); None: LoRA off
+    lora_metrics: LoRAMetrics | None = None
     # tokenization and chat rendering run here, off the event loop (server/tokenizer_pool.py)
     tokenizer_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="tokenmill-tokenize"))

@@ -200,24 +200,64 @@ class StructuredOutputManager:
         return (f"structured_outputs: token {token_id} at output position {position} of {seq_id} does not fit "
                 f"the grammar; the sequence was stopped rather than return output that breaks the constraint")
 
-    def bitmask(self, seq_ids: list[str]) -> GrammarBitmask | None:
-        """The step's mask for the sampled rows in `seq_ids` order; None when none of them is constrained."""
-        indices = [i for i, sid in enumerate(seq_ids) if sid in self._matchers]
+    def valid_prefix(self, seq_id: str, drafts: list[int]) -> int:
+        """How many leading draft tokens the sequence's grammar accepts (the matcher is left unchanged)."""
+        matcher = self._matchers[seq_id]
+        n = 0
+        for t in drafts:
+            if matcher.is_terminated() or not matcher.accept_token(t):
+                break
+            n += 1
+        if n:
+            matcher.rollback(n)
+        return n
+
+    def bitmask(self, seq_ids: list[str], drafts: dict[str, list[int]] | None = None) -> GrammarBitmask | None:
+        """The step's mask for the sampled rows in `seq_ids` order; None when none of them is constrained.
+        A sequence verifying drafts has 1 + len(drafts) rows: row j is the mask after its first j drafts (the
+        matcher advances over them to fill the rows, then rolls back)."""
+        drafts = drafts or {}
+        row_of: list[int] = []  # first row of each sequence
+        rows = 0
+        for sid in seq_ids:
+            row_of.append(rows)
+            rows += 1 + len(drafts.get(sid, ()))
+        indices = [row_of[i] for i, sid in enumerate(seq_ids) if sid in self._matchers]
         if not indices:
             return None
         import xgrammar as xgr
 
-        rows = len(seq_ids)
         if self._bitmask is None or self._bitmask.shape[0] < rows:
             self._bitmask = xgr.allocate_token_bitmask(max(rows, 64), self.logits_width)
             self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self.compile_threads)
         mask = self._bitmask[:rows]
-        matchers = [self._matchers[seq_ids[i]] for i in indices]
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(mask, indices[0])
-        else:
-            self._batch_matcher.batch_fill_next_token_bitmask(matchers, mask, indices)
-        return GrammarBitmask(mask, indices)
+        plain = [(self._matchers[sid], row_of[i]) for i, sid in enumerate(seq_ids)
+                 if sid in self._matchers and not drafts.get(sid)]
+        if len(plain) == 1:
+            plain[0][0].fill_next_token_bitmask(mask, plain[0][1])
+        elif plain:
+            self._batch_matcher.batch_fill_next_token_bitmask([m for m, _ in plain], mask, [r for _, r in plain])
+        for i, sid in enumerate(seq_ids):
+            if sid in self._matchers and drafts.get(sid):
+                indices.extend(self._fill_draft_rows(self._matchers[sid], drafts[sid], mask, row_of[i]))
+        return GrammarBitmask(mask, sorted(indices))
+
+    @staticmethod
+    def _fill_draft_rows(matcher: Any, drafts: list[int], mask: Any, row: int) -> list[int]:
+        """Rows row+1.. for a sequence's drafts (row itself is counted by the caller). The scheduler trimmed
+        the drafts to what the grammar accepts, so each advance succeeds."""
+        matcher.fill_next_token_bitmask(mask, row)
+        extra = []
+        accepted = 0
+        for j, t in enumerate(drafts, start=1):
+            if not matcher.accept_token(t):
+                break
+            accepted += 1
+            matcher.fill_next_token_bitmask(mask, row + j)
+            extra.append(row + j)
+        if accepted:
+            matcher.rollback(accepted)
+        return extra
 
     def shutdown(self) -> None:
         if self._pool is not None:
