@@ -1,0 +1,114 @@
+// Vector helpers shared by the native kernels of cpu_kernels.cpp: 8-float vectors, horizontal sums, exp,
+// gelu(tanh) and softmax (float32 arithmetic in every variant).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "wide_vector.h"
+
+namespace {
+
+// 8 floats in one vector (GCC/Clang vector extension: AVX on x86, two NEON registers on ARM).
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+typedef float v4f __attribute__((vector_size(16)));
+
+inline float hsum8(v8f v) {  // a log tree: 8 lane-by-lane extracts and adds cost several times more
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+  const v4f h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const v4f q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1);
+  return q[0] + q[1];
+#else
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+#endif
+}
+
+using tokenmill::bf16;
+using tokenmill::kW;
+using tokenmill::loadw;
+using tokenmill::storew;
+using tokenmill::vw;
+
+inline float hsumw(vw v) {
+#if defined(__AVX512F__) && defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+  return hsum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+#endif
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// exp on 8 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp on [-87, 88]).
+inline v8f exp8(v8f x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const v8f fx = x * splat(1.44269504088896341f) + splat(0.5f);
+  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero ...
+  n += (__builtin_convertvector(n, v8f) > fx);  // ... so step down where that rounded up: floor
+  const v8f nf = __builtin_convertvector(n, v8f);
+  const v8f r = x - nf * splat(0.693359375f) - nf * splat(-2.12194440e-4f);
+  v8f y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * r * r + r + splat(1.f);
+  const v8i bits = (n + 127) << 23;  // 2^n
+  return y * (v8f)bits;
+}
+
+// gelu with the tanh approximation, 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as
+// x / (1 + exp(-2u)) (the same function): no cancellation in the negative tail, where 1 + tanh(u) lost all
+// its digits (relative errors up to 100% below x = -4, enough to flip bf16 roundings); torch's own GELU(tanh)
+// CPU kernel runs several times slower than this.
+inline v8f gelu_tanh8(v8f x) {
+  const v8f t = splat(-2.f * 0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);  // -2u
+  const v8f y = x / (splat(1.f) + exp8(t));
+  return t > splat(88.f) ? splat(0.f) * x : y;  // past exp8's clamp the true value is below any float
+}
+
+inline float gelu_tanh1(float x) {
+  const float t = -2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.f + std::exp(t));  // exp overflows to inf for t > 88: x / inf = (-)0, as in the vector form
+}
+
+// x[0:n] = softmax(x[0:n]), the exponentials 8 lanes at a time.
+inline void softmax_inplace(float* x, int64_t n) {
+  float m = x[0];
+  for (int64_t i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+  v8f vsum = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f e = exp8(load8(x + i) - splat(m));
+    store8(x + i, e);
+    vsum += e;
+  }
+  float sum = hsum8(vsum);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  const float inv = 1.f / sum;
+  for (i = 0; i < n; ++i) x[i] *= inv;
+}
+
+}  // namespace
