@@ -14,6 +14,7 @@ from tokenmill.config import EngineConfig, LoRAConfig, ModelConfig, ServerConfig
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.server.cli import expand_lora_modules, serve_command
 from tokenmill.server.lora_metrics import LoRAMetrics
+from tokenmill.server.metrics import CoreCounts
 
 from .test_live import metric
 
@@ -59,7 +60,8 @@ def test_runtime_updating_without_lora_is_400_and_bodies_are_checked():
 
 def test_lora_metrics_follow_the_core_and_survive_a_core_restart():
     reg = CollectorRegistry()
-    m = LoRAMetrics(reg, "base", max_loras=2)
+    counts = CoreCounts()
+    m = LoRAMetrics(reg, "base", max_loras=2, counts=counts)
     m.update(SchedulerStats(lora_running=["a", "b"], lora_waiting=["c"], lora_requests={"a": 3, "c": 1},
                             lora_num_swaps=4, lora_num_loaded=3), num_served=5)
     text = generate_latest(reg).decode()
@@ -71,6 +73,7 @@ def test_lora_metrics_follow_the_core_and_survive_a_core_restart():
     assert metric(text, "tokenmill_lora_swaps_total") == 4
     assert metric(text, "tokenmill_lora_adapters_loaded") == 3 and metric(text, "tokenmill_lora_adapters_served") == 5
     # a restarted core counts from zero: the server's counters keep what the dead one counted
+    counts.reset()  # what ServerMetrics.engine_restarted does
     m.update(SchedulerStats(lora_requests={"a": 1}, lora_num_swaps=1), num_served=5)
     text = generate_latest(reg).decode()
     assert metric(text, "tokenmill_lora_requests_total", lora_name="a") == 4

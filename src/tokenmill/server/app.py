@@ -89,7 +89,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                         chat_template=chat_template, created=int(time.time()))
     state.loras = LoRARegistry.from_config(names[0], engine_config.lora)
     if engine_config.lora is not None:
-        state.lora_metrics = LoRAMetrics(registry, names[0], engine_config.lora.max_loras)
+        state.lora_metrics = LoRAMetrics(registry, names[0], engine_config.lora.max_loras, state.metrics.core_counts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -3,7 +3,8 @@
 tokenmill_lora_requests_info is vLLM's vllm:lora_requests_info: one series whose labels say which adapters
 are running and waiting (comma-separated names) and max_lora, and whose value is the Unix time of that
 snapshot. Only the current label set is exposed (vLLM leaves the older series behind with older times; a
-dashboard reading the newest series sees the same). The counters come from the core's cumulative figures.
+dashboard reading the newest series sees the same). The counters add the increments of the core's cumulative
+figures (server/metrics.py CoreCounts, reset by the supervisor when a new core starts).
 """
 
 from __future__ import annotations
@@ -16,35 +17,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.stats import SchedulerStats
-
-
-class _Cumulative:
-    """A server-lifetime counter fed with the core's cumulative values: a value lower than the last one
-    means a new core counting from zero, so what the dead core counted is kept as a base."""
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.last = 0
-
-    def update(self, value: int) -> None:
-        if value < self.last:
-            self.base += self.last
-        self.last = value
-
-    @property
-    def total(self) -> int:
-        return self.base + self.last
+from tokenmill.server.metrics import CoreCounts
 
 
 class LoRAMetrics(Collector):
-    def __init__(self, registry: CollectorRegistry, model_name: str, max_loras: int) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_loras: int, counts: CoreCounts) -> None:
         self.model_name = model_name
         self.max_loras = max_loras
+        self.counts = counts
         self.running: list[str] = []
         self.waiting: list[str] = []
         self.info_time = time.time()
-        self.requests: dict[str, _Cumulative] = {}
-        self.swaps = _Cumulative()
+        self.requests: dict[str, int] = {}  # server-lifetime totals
+        self.swaps = 0
         self.num_loaded = 0
         self.num_served = 0
         registry.register(self)
@@ -55,8 +40,8 @@ class LoRAMetrics(Collector):
             self.running, self.waiting = list(stats.lora_running), list(stats.lora_waiting)
             self.info_time = time.time()
         for name, count in stats.lora_requests.items():
-            self.requests.setdefault(name, _Cumulative()).update(int(count))
-        self.swaps.update(stats.lora_num_swaps)
+            self.requests[name] = self.requests.get(name, 0) + self.counts.delta(("lora_requests", name), int(count))
+        self.swaps += self.counts.delta("lora_swaps", stats.lora_num_swaps)
         self.num_loaded = stats.lora_num_loaded
         self.num_served = num_served
 
@@ -69,13 +54,13 @@ class LoRAMetrics(Collector):
         yield info
         requests = CounterMetricFamily("tokenmill_lora_requests", "Requests admitted through each LoRA adapter.",
                                        labels=["model_name", "lora_name"])
-        for name, c in sorted(self.requests.items()):
-            requests.add_metric([m, name], c.total)
+        for name, total in sorted(self.requests.items()):
+            requests.add_metric([m, name], total)
         yield requests
         swaps = CounterMetricFamily("tokenmill_lora_swaps", "Adapters written into a slot of the stacked "
                                     "weights (a swap-in; more than max_loras adapters in rotation raise it).",
                                     labels=["model_name"])
-        swaps.add_metric([m], self.swaps.total)
+        swaps.add_metric([m], self.swaps)
         yield swaps
         loaded = GaugeMetricFamily("tokenmill_lora_adapters_loaded", "Adapters held in the engine's memory "
                                    "(at most --max-cpu-loras).", labels=["model_name"])

@@ -60,14 +60,35 @@ class _GrammarCompileCollector(Collector):
         yield h
 
 
+class CoreCounts:
+    """The engine core's cumulative figures (SchedulerStats) as increments of server-lifetime counters: a snapshot
+    at or below the last one (stale) adds nothing; reset() when a new core counts from zero again."""
+
+    def __init__(self) -> None:
+        self._last: dict[object, int] = {}
+
+    def delta(self, key: object, value: int) -> int:
+        last = self._last.get(key, 0)
+        if value <= last:
+            return 0
+        self._last[key] = value
+        return value - last
+
+    def reset(self) -> None:
+        self._last.clear()
+
+
 class ServerMetrics:
-    """All server metrics of one process, registered in `registry`."""
+    """All server metrics of one process, registered in `registry`. `core_counts` turns every cumulative figure
+    of the core into increments (spec decoding's and LoRA's collectors share it: one reset at a core restart)."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str, num_speculative_tokens: int = 0) -> None:
         self.registry = registry
         self.model_name = model_name
+        self.core_counts = CoreCounts()
         # Only with speculative decoding configured, as vLLM (no spec_decode series on a server without it).
-        self.spec = SpecDecodeMetrics(registry, model_name, num_speculative_tokens) if num_speculative_tokens else None
+        self.spec = SpecDecodeMetrics(registry, model_name, num_speculative_tokens,
+                                      self.core_counts) if num_speculative_tokens else None
         lbl = ["model_name"]
         r = registry
         self._running = Gauge("tokenmill_num_requests_running", "Requests in the running batch.", lbl, registry=r)
@@ -100,8 +121,6 @@ class ServerMetrics:
                                          "(invalid or over the compile timeout).", lbl, registry=r)
         self._compile = _GrammarCompileCollector(model_name)
         r.register(self._compile)
-        # Last cumulative values seen from the core, to turn them into counter increments.
-        self._last_cum = {"q": 0, "h": 0, "p": 0, "gf": 0}
         self._core_restarts = Counter("tokenmill_engine_core_restarts", "Engine core processes restarted "
                                       "after the previous one died.", lbl, registry=r)
         self._core_restarts.labels(model_name)  # 0 from the start: "never restarted" is a value
@@ -119,18 +138,15 @@ class ServerMetrics:
         for key, counter, value in (("q", self._pc_queries, prefix_cache_queries),
                                     ("h", self._pc_hits, prefix_cache_hits),
                                     ("p", self._preempt, num_preemptions)):
-            delta = value - self._last_cum[key]
-            if delta > 0:
+            delta = self.core_counts.delta(key, value)
+            if delta:
                 counter.labels(m).inc(delta)
-            self._last_cum[key] = max(value, self._last_cum[key])
 
     def engine_restarted(self) -> None:
         """The engine core died: a new one counts from zero, so the cumulative baselines restart at zero
         and the gauges read zero until it reports (the dead core's requests have all failed)."""
-        self._last_cum = dict.fromkeys(self._last_cum, 0)
+        self.core_counts.reset()
         self.update_engine(0, 0, 0.0, 0, 0, 0)
-        if self.spec is not None:
-            self.spec.restarted()
 
     def observe_core_restart(self) -> None:
         self._core_restarts.labels(self.model_name).inc()
@@ -139,10 +155,9 @@ class ServerMetrics:
         """Copy the core's structured-output figures (cumulative, except the waiting gauge)."""
         m = self.model_name
         self._grammar_waiting.labels(m).set(stats.num_waiting_for_grammar)
-        delta = stats.num_grammar_compile_failures - self._last_cum["gf"]
-        if delta > 0:
+        delta = self.core_counts.delta("gf", stats.num_grammar_compile_failures)
+        if delta:
             self._grammar_failures.labels(m).inc(delta)
-        self._last_cum["gf"] = max(stats.num_grammar_compile_failures, self._last_cum["gf"])
         if stats.num_grammar_compiles >= self._compile.count:  # counts only grow; never step back
             self._compile.buckets = list(stats.grammar_compile_seconds_buckets)
             self._compile.count = stats.num_grammar_compiles
@@ -188,9 +203,11 @@ class SpecDecodeMetrics:
     """tokenmill_spec_decode_* (vLLM's vllm:spec_decode_*): counters fed from the core's cumulative
     SchedulerStats.spec_* figures, turned into increments so a core restart never steps them back."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str, num_speculative_tokens: int) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str, num_speculative_tokens: int,
+                 counts: CoreCounts) -> None:
         lbl, r = ["model_name"], registry
         self.model_name = model_name
+        self.counts = counts
         self._drafts = Counter("tokenmill_spec_decode_num_drafts", "Speculative drafts verified (one per "
                                "sequence per step that verified proposed tokens).", lbl, registry=r)
         self._draft_tokens = Counter("tokenmill_spec_decode_num_draft_tokens", "Proposed tokens verified.", lbl,
@@ -204,25 +221,16 @@ class SpecDecodeMetrics:
             c.labels(model_name)  # zeros from the start, so rate() works from the first draft
         for pos in range(num_speculative_tokens):
             self._per_pos.labels(model_name, str(pos))
-        self._last = {"d": 0, "t": 0, "a": 0}
-        self._last_pos: list[int] = []
 
     def update(self, stats: SchedulerStats) -> None:
         m = self.model_name
-        for key, counter, value in (("d", self._drafts, stats.spec_num_drafts),
-                                    ("t", self._draft_tokens, stats.spec_num_draft_tokens),
-                                    ("a", self._accepted, stats.spec_num_accepted_tokens)):
-            if value > self._last[key]:
-                counter.labels(m).inc(value - self._last[key])
-                self._last[key] = value
-        per_pos = stats.spec_accepted_per_pos
-        self._last_pos += [0] * (len(per_pos) - len(self._last_pos))
-        for pos, value in enumerate(per_pos):
-            if value > self._last_pos[pos]:
-                self._per_pos.labels(m, str(pos)).inc(value - self._last_pos[pos])
-                self._last_pos[pos] = value
-
-    def restarted(self) -> None:
-        """A new core counts from zero."""
-        self._last = dict.fromkeys(self._last, 0)
-        self._last_pos = [0] * len(self._last_pos)
+        for key, counter, value in (("spec_drafts", self._drafts, stats.spec_num_drafts),
+                                    ("spec_draft_tokens", self._draft_tokens, stats.spec_num_draft_tokens),
+                                    ("spec_accepted", self._accepted, stats.spec_num_accepted_tokens)):
+            delta = self.counts.delta(key, value)
+            if delta:
+                counter.labels(m).inc(delta)
+        for pos, value in enumerate(stats.spec_accepted_per_pos):
+            delta = self.counts.delta(("spec_pos", pos), value)
+            if delta:
+                self._per_pos.labels(m, str(pos)).inc(delta)
