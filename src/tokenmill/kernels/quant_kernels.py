@@ -53,6 +53,17 @@ class LinearPlan:
         self.rows = arr(ctypes.c_int64, [w.shape[0] for _, w in parts])
         self.row_bytes = arr(ctypes.c_int64, [w.blocks.shape[1] for _, w in parts])
         self.cols = arr(ctypes.c_int64, [off for off, _ in parts])
+        self._scratch: dict[int, tuple[torch.Tensor, int, int, int]] = {}
+
+    def scratch(self, m: int) -> tuple[torch.Tensor, int, int, int]:
+        """The int8 product's scratch for m rows (quants, block scales, block sums: memory and pointers), made
+        once per row count and reused: a layer's calls never overlap (one model runs one step at a time)."""
+        got = self._scratch.get(m)
+        if got is None:
+            nb = m * (self.k // 32)
+            mem = torch.empty(m * self.k + 8 * nb, dtype=torch.int8)
+            got = self._scratch[m] = (mem, mem.data_ptr(), mem.data_ptr() + m * self.k, mem.data_ptr() + m * self.k + 4 * nb)
+        return got
 
 
 class QuantKernels:
@@ -106,6 +117,17 @@ class QuantKernels:
         for off, weight in plan.parts:
             self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
                          weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
+
+    def linear_int8_rows(self, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+        """x @ W.T by the int8 product into a fresh float32 [m, plan.width]: the decode path, without linear()'s
+        checks, for a caller that made sure x is a CPU float32 [m, plan.k] with m >= 1, contiguous
+        (layers/quantized.py). A decode step runs ~70 of these: linear() costs ~3x the native call in Python."""
+        m = x.shape[0]
+        out = torch.empty((m, plan.width), dtype=torch.float32)
+        _, q, d, sums = plan.scratch(m)
+        self._linear_int8(x.data_ptr(), m, plan.k, plan.k, q, d, sums, len(plan.parts), plan.types, plan.pointers,
+                          plan.rows, plan.row_bytes, plan.cols, out.data_ptr(), plan.width, torch.get_num_threads())
+        return out
 
     def dequantize_rows(self, weight: QuantizedTensor, rows: torch.Tensor) -> torch.Tensor:
         """float32 [len(rows), k]: the given rows of W (an embedding lookup that dequantizes only what it reads)."""

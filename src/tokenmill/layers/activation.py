@@ -29,7 +29,7 @@ class GeluTanhAndMul(nn.Module):
         self.cpu_kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.cpu_kernels is not None and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+        if (self.cpu_kernels is not None and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
                 and x.dim() == 2 and x.stride(1) == 1):
             return self.cpu_kernels.gelu_tanh_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if self.cpu_kernels is not None and dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+        if self.cpu_kernels is not None and (dtype is torch.float32 or dtype is torch.bfloat16) and x.is_cpu:
             # bf16: the same float32 math and roundings as the formula below, in one pass
             round_first = dtype == torch.bfloat16 and not self.gemma_style
             return self.cpu_kernels.rms_norm(x, self.native_weight, self.eps, round_first)
@@ -47,3 +47,16 @@ class RMSNorm(nn.Module):
             return (xf * (self.weight.float() + self.weight_offset)).to(dtype)
         w = self.weight + self.weight_offset if self.weight_offset else self.weight
         return w * xf.to(dtype)
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, next_norm: RMSNorm | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x + self(y), next_norm(x + self(y)) or None): a residual add of a normed sublayer output (Gemma's
+        sandwich norms), fused with the next sublayer's input norm; one native pass for float32 CPU tensors."""
+        kernels = self.cpu_kernels
+        if (kernels is not None and x.dtype is torch.float32 and y.dtype is torch.float32 and x.is_cpu
+                and x.is_contiguous() and y.is_contiguous() and x.shape == y.shape
+                and (next_norm is None or (next_norm.native_weight is not None and next_norm.eps == self.eps))):
+            return kernels.add_rms_norm(x, y, self.native_weight, self.eps,
+                                        None if next_norm is None else next_norm.native_weight)
+        out = x + self(y)
+        return out, None if next_norm is None else next_norm(out)

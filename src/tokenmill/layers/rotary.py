@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.kernels.cpu_kernels import CpuKernels
+from tokenmill.layers.norm import RMSNorm
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
@@ -61,6 +64,11 @@ class RotaryEmbedding(nn.Module):
         self._attention_scaling = 1.0
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._memo: tuple | None = None
+        self.cpu_kernels: CpuKernels | None = None
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Float32 CPU steps norm and rotate q and k in one native call (rotate_qkv)."""
+        self.cpu_kernels = kernels
 
     def _cos_sin(self, device: torch.device, dtype: torch.dtype, needed: int) -> torch.Tensor:
         key = (device, dtype)
@@ -83,7 +91,7 @@ class RotaryEmbedding(nn.Module):
             return memo[2], memo[3]
         table = self._cos_sin(positions.device, dtype, 0)
         cs = table[positions]  # [T, 2, D]
-        cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+        cos, sin = cs[:, 0].unsqueeze(1).contiguous(), cs[:, 1].unsqueeze(1)
         half = sin.shape[-1] // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of slice/neg/cat.
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
@@ -93,6 +101,32 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions, _math_dtype(q.dtype))
         return _apply(q, cos, sin), _apply(k, cos, sin)
+
+    def rotate_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq*D], k [T, Hkv*D], v of a fused [T, (Hq + 2 Hkv) * D] projection output, q and k first normed
+        per head by q_norm / k_norm when given (Gemma 3, Qwen3), then rotated. Float32 on CPU: one native call
+        in place on qkv (a fresh projection output); otherwise the PyTorch ops."""
+        t, d = qkv.shape[0], self.head_dim
+        q_size, kv_size = num_heads * d, num_kv_heads * d
+        weights = (None, None) if q_norm is None else (q_norm.native_weight, k_norm.native_weight)
+        kernels = self.cpu_kernels
+        if (kernels is not None and qkv.dtype is torch.float32 and qkv.is_cpu and qkv.dim() == 2 and qkv.stride(1) == 1
+                and (q_norm is None or (weights[0] is not None and weights[1] is not None and q_norm.eps == k_norm.eps))):
+            cos, sin = self.cos_sin(positions, torch.float32)
+            kernels.qk_norm_rope(qkv, num_heads, num_kv_heads, d, *weights, 0.0 if q_norm is None else q_norm.eps,
+                                 cos, sin)
+            return qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
+        v = qkv[:, q_size + kv_size :]
+        if q_norm is not None:
+            q = q_norm(qkv[:, :q_size].reshape(t, num_heads, d))
+            k = k_norm(qkv[:, q_size : q_size + kv_size].reshape(t, num_kv_heads, d))
+            q, k = self(positions, q, k)
+            return q.reshape(t, -1), k.reshape(t, -1), v
+        # q and k heads are adjacent in the fused output: rotate them in one pass.
+        qk = self.apply(positions, qkv[:, : q_size + kv_size].view(t, num_heads + num_kv_heads, d)).view(t, -1)
+        return qk[:, :q_size], qk[:, q_size:], v
 
     def apply(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """RoPE on one [T, H, D] tensor (e.g. q and k heads side by side: one pass instead of two)."""

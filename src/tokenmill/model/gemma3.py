@@ -64,12 +64,9 @@ class Gemma3Attention(nn.Module):
         self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q.reshape(t, -1), k.reshape(t, -1), v, ctx))
+        q, k, v = self.rotary.rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.q_norm,
+                                         self.k_norm)
+        return self.o_proj(self.attn(q, k, v, ctx))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -85,8 +82,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = _gemma_norm(config.hidden_size, eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), ctx))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x, h = self.post_attention_layernorm.add_to(x, self.self_attn(positions, self.input_layernorm(x), ctx),
+                                                    self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm.add_to(x, self.mlp(h))[0]
 
 
 class Gemma3Model(nn.Module):

@@ -71,20 +71,8 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
-        if self.qk_norm:
-            q, k, v = self.qkv_proj.split(qkv)
-            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-            q, k = self.rotary(positions, q, k)
-            q, k = q.reshape(t, -1), k.reshape(t, -1)
-        else:
-            # q and k heads are adjacent in the fused output: rotate them in one pass.
-            qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = self.rotary.apply(positions, qk).view(t, -1)
-            q, k = qk[:, : self.q_size], qk[:, self.q_size :]
-            v = qkv[:, self.q_size + self.kv_size :]
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
+        q, k, v = self.rotary.rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads, *norms)
         return self.o_proj(self.attn(q, k, v, ctx))
 
 

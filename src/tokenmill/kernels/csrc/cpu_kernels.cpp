@@ -33,48 +33,13 @@ namespace {
 using tokenmill::store_f32;
 using tokenmill::to_f32;
 
-// rms_norm_rows: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of n elements (row strides ldx, ldo),
-// in float32 whatever T is. w already includes any offset (Gemma stores weight - 1). round_first (bf16 Llama
-// style, `w * x_normed.to(bf16)`) rounds the normalised value to T before the weight multiplies it; Gemma
-// multiplies in float32 first. One read of x, one write of out, per row.
+// rms_norm_rows: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows of n elements (row strides ldx, ldo);
+// the row arithmetic is vec_math.h's rms_norm_row (shared with decode_ops.cpp's q/k norms).
 template <typename T>
 void rms_norm_rows(const T* x, const float* w, int64_t rows, int64_t n, int64_t ldx, int64_t ldo, float eps,
                    int round_first, T* out, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * ldx;
-    T* orow = out + r * ldo;
-    vw s0 = {}, s1 = {};
-    int64_t i = 0;
-    for (; i + 2 * kW <= n; i += 2 * kW) {
-      const vw a = loadw(xr + i), b = loadw(xr + i + kW);
-      s0 += a * a;
-      s1 += b * b;
-    }
-    for (; i + kW <= n; i += kW) {
-      const vw a = loadw(xr + i);
-      s0 += a * a;
-    }
-    float ss = hsumw(s0 + s1);
-    for (; i < n; ++i) ss += to_f32(xr[i]) * to_f32(xr[i]);
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-    for (i = 0; i + kW <= n; i += kW) {
-      vw v = loadw(xr + i) * inv;
-      if (round_first) {
-        storew(orow + i, v);
-        v = loadw(orow + i);
-      }
-      storew(orow + i, v * loadw(w + i));
-    }
-    for (; i < n; ++i) {
-      float v = to_f32(xr[i]) * inv;
-      if (round_first) {
-        store_f32(orow + i, v);
-        v = to_f32(orow[i]);
-      }
-      store_f32(orow + i, v * w[i]);
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * ldx, w, n, eps, round_first, out + r * ldo);
 }
 
 // gelu_and_mul_rows: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up,
@@ -109,7 +74,7 @@ void gelu_and_mul_rows(const T* x, int64_t rows, int64_t n, int64_t ldx, T* out,
 
 extern "C" {
 
-int tokenmill_kernels_abi_version() { return 5; }
+int tokenmill_kernels_abi_version() { return 6; }
 
 void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           const int64_t* blocks, int64_t nb, const int64_t* first_pos, const int64_t* q_start,

@@ -1,5 +1,5 @@
-// Vector helpers shared by the native kernels of cpu_kernels.cpp: 8-float vectors, horizontal sums, exp,
-// gelu(tanh) and softmax (float32 arithmetic in every variant).
+// Vector helpers shared by the native kernels of cpu_kernels.cpp and decode_ops.cpp: 8-float vectors, horizontal
+// sums, exp, gelu(tanh), softmax and one row of RMSNorm (float32 arithmetic in every variant).
 #pragma once
 
 #include <cmath>
@@ -109,6 +109,44 @@ inline void softmax_inplace(float* x, int64_t n) {
   }
   const float inv = 1.f / sum;
   for (i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// rms_norm_row: out = x / sqrt(mean(x^2) + eps) * w over n elements, in float32 whatever T is (out may be x).
+// w already includes any offset (Gemma stores weight - 1). round_first (bf16 Llama style,
+// `w * x_normed.to(bf16)`) rounds the normalised value to T before the weight multiplies it; Gemma multiplies
+// in float32 first. One read of x, one write of out.
+template <typename T>
+inline void rms_norm_row(const T* xr, const float* w, int64_t n, float eps, int round_first, T* orow) {
+  vw s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const vw a = loadw(xr + i), b = loadw(xr + i + kW);
+    s0 += a * a;
+    s1 += b * b;
+  }
+  for (; i + kW <= n; i += kW) {
+    const vw a = loadw(xr + i);
+    s0 += a * a;
+  }
+  float ss = hsumw(s0 + s1);
+  for (; i < n; ++i) ss += tokenmill::to_f32(xr[i]) * tokenmill::to_f32(xr[i]);
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (i = 0; i + kW <= n; i += kW) {
+    vw v = loadw(xr + i) * inv;
+    if (round_first) {
+      storew(orow + i, v);
+      v = loadw(orow + i);
+    }
+    storew(orow + i, v * loadw(w + i));
+  }
+  for (; i < n; ++i) {
+    float v = tokenmill::to_f32(xr[i]) * inv;
+    if (round_first) {
+      tokenmill::store_f32(orow + i, v);
+      v = tokenmill::to_f32(orow[i]);
+    }
+    tokenmill::store_f32(orow + i, v * w[i]);
+  }
 }
 
 }  // namespace
