@@ -122,7 +122,7 @@ def test_plan_gives_each_verification_query_its_own_window():
     assert plan.decode_is_all and plan.decode_q_start.tolist() == [0, 3]
     assert plan.decode_lo.tolist() == [6, 7, 8] and plan.decode_ctx.tolist() == [11, 12, 13]
     assert plan.decode_first_pos.tolist() == [4]  # block 0 (positions 0..3) is outside every window
-    visible = (plan.decode_mask[0, 0] == 0).nonzero().tolist()  # [query, key slot from position 4]
+    visible = (plan.mask()[0, 0] == 0).nonzero().tolist()  # [query, key slot from position 4]
     assert visible == [[j, p - 4] for j in range(3) for p in range(6 + j, 11 + j)]
 
 

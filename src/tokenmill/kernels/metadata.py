@@ -39,7 +39,9 @@ class FastPlan:
 
     decode_token_idx: torch.Tensor | None  # [T] flat token index of each decode row
     decode_blocks: torch.Tensor | None  # [B, nb] block ids (padding and out-of-window entries masked)
-    decode_mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive float mask (Q: most queries of a seq)
+    # [B, 1, Q, nb * block_size] additive float mask (Q: most queries of a seq) for the PyTorch decode path: made
+    # on first use from mask_inputs (see `mask`; the native kernel reads decode_lo / decode_ctx instead).
+    decode_mask: torch.Tensor | None
     decode_is_all: bool  # every token of the step is a decode, in order: skip the scatter
     # For the native decode kernel: blocks[b, 0] starts at position decode_first_pos[b] ([B]); row r sees
     # positions decode_lo[r] <= p < decode_ctx[r] ([T]). Host int64 tensors (None without decodes).
@@ -54,6 +56,13 @@ class FastPlan:
     # Chunks starting at position 0 (no window cut), grouped by length: one batched causal SDPA per group
     # (one call per sequence is several times slower on CPU). Each entry: (first token indices [S], n).
     fresh_groups: list[tuple[list[int], torch.Tensor, int, bool]] = field(default_factory=list)  # (starts, starts on device, n, contiguous)
+    mask_inputs: tuple | None = None
+
+    def mask(self) -> torch.Tensor:
+        """decode_mask, made on first use."""
+        if self.decode_mask is None:
+            self.decode_mask = _decode_mask(*self.mask_inputs)
+        return self.decode_mask
 
 
 @dataclass(slots=True)
@@ -90,14 +99,12 @@ class AttentionMetadata:
             qsl.append(qsl[-1] + n)
         seq_lens = [p + n for p, n in zip(start_pos, query_lens)]
         width = max((len(t) for t in block_tables), default=1) or 1
-        bt = torch.zeros((num_seqs, width), dtype=torch.long)
-        for s, table in enumerate(block_tables):
-            if table:
-                bt[s, : len(table)] = torch.tensor(table, dtype=torch.long)
-        seq_idx = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(query_lens, dtype=torch.long))
-        offsets = torch.arange(qsl[-1]) - torch.tensor(qsl[:-1], dtype=torch.long)[seq_idx]
-        positions = torch.tensor(start_pos, dtype=torch.long)[seq_idx] + offsets
-        slots = bt[seq_idx, positions // block_size] * block_size + positions % block_size
+        # Plain lists, then one tensor each: a decode step has a few tokens, and ~20 small tensor ops per group
+        # cost more than the whole list work (host side; only slot_mapping goes to the device).
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long).view(num_seqs, width)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size
+                              for table, p0, n in zip(block_tables, start_pos, query_lens) for p in range(p0, p0 + n)],
+                             dtype=torch.long)
         return cls(
             slot_mapping=slots.to(device),
             block_tables=bt,
@@ -159,46 +166,51 @@ def _make_plan(m: AttentionMetadata, dtype: torch.dtype) -> FastPlan:
 
 def _plan_decodes(plan: FastPlan, m: AttentionMetadata, decodes: list[int], nq: list[int], zero: torch.Tensor,
                   neg_inf: torch.Tensor) -> None:
-    """Fill the decode-batch fields of plan: sequences `decodes`, nq[i] queries each (the last of the context)."""
+    """Fill the decode-batch fields of plan: sequences `decodes`, nq[i] queries each (the last of the context).
+    Plain lists, then one tensor per field: decode batches are small, and tensor ops cost ~2 us each."""
     device = m.slot_mapping.device
-    bt, bs, window = m.block_tables, m.block_size, m.sliding_window
-    rows = torch.tensor(decodes)
-    ctx = torch.tensor([m.seq_lens[s] for s in decodes], dtype=torch.long)
-    num_q = max(nq)
-    n = torch.tensor(nq, dtype=torch.long) if num_q > 1 else None
-    first_q = ctx - 1 if n is None else ctx - n  # position of each sequence's first query
+    bs, window = m.block_size, m.sliding_window
+    ctx = [m.seq_lens[s] for s in decodes]
+    first_q = [c - n for c, n in zip(ctx, nq)]  # position of each sequence's first query
     # The first query sees the most of the past: its window start bounds the blocks every query needs.
-    lo = (first_q + 1 - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
-    first_block = lo // bs
-    num_blocks = int(((ctx - 1) // bs - first_block).max()) + 1
-    block_idx = first_block[:, None] + torch.arange(num_blocks)[None, :]  # [B, nb]
-    in_table = block_idx < bt.shape[1]
-    blocks = torch.where(in_table, bt[rows[:, None], block_idx.clamp(max=bt.shape[1] - 1)], torch.zeros_like(block_idx))
-    key_pos = (block_idx[:, :, None] * bs + torch.arange(bs)[None, None, :]).reshape(len(decodes), 1, -1)
-    starts = torch.tensor([m.query_start_loc[s] for s in decodes], dtype=torch.long)
-    if n is None:
-        q_pos = first_q[:, None]  # [B, 1]
+    lo = [max(0, f + 1 - window) if window is not None else 0 for f in first_q]
+    first_block = [x // bs for x in lo]
+    num_blocks = max((c - 1) // bs - f for c, f in zip(ctx, first_block)) + 1
+    tables = [m.block_tables_list[s] for s in decodes]
+    blocks = [[t[j] if j < len(t) else 0 for j in range(f, f + num_blocks)] for t, f in zip(tables, first_block)]
+    starts = [m.query_start_loc[s] for s in decodes]
+    num_q = max(nq)
+    # Query slot j of sequence b sits at first_q[b] + min(j, nq[b] - 1): padding repeats a real query (a fully
+    # masked row would make SDPA return NaN) and is dropped again by decode_unpad.
+    q_pos = [[f + min(j, n - 1) for j in range(num_q)] for f, n in zip(first_q, nq)]
+    if num_q == 1:
         token_idx, row_lo, row_ctx = starts, lo, ctx
     else:
-        # Padded slot j of sequence b holds query min(j, n[b] - 1): padding repeats a real query (a fully
-        # masked row would make SDPA return NaN) and is dropped again by decode_unpad.
-        j = torch.minimum(torch.arange(num_q)[None, :], n[:, None] - 1)  # [B, Q]
-        q_pos = first_q[:, None] + j
-        q_start = torch.zeros(len(decodes) + 1, dtype=torch.long)
-        torch.cumsum(n, 0, out=q_start[1:])
-        seq_of_row = torch.repeat_interleave(torch.arange(len(decodes)), n)
-        j_row = torch.arange(int(q_start[-1])) - q_start[:-1][seq_of_row]
-        row_pos = first_q[seq_of_row] + j_row
-        token_idx = starts[seq_of_row] + j_row
-        row_ctx = row_pos + 1
-        row_lo = (row_ctx - window).clamp(min=0) if window is not None else torch.zeros_like(row_ctx)
-        plan.decode_q_start = q_start
-        plan.decode_pad_rows = (q_start[:-1, None] + j).reshape(-1).to(device)
-        plan.decode_unpad = (seq_of_row * num_q + j_row).to(device)
-    visible = key_pos <= q_pos[:, :, None]  # [B, Q, K]
+        q_start = list(itertools.accumulate(nq, initial=0))
+        token_idx = [st + j for st, n in zip(starts, nq) for j in range(n)]
+        row_ctx = [f + j + 1 for f, n in zip(first_q, nq) for j in range(n)]
+        row_lo = [max(0, c - window) if window is not None else 0 for c in row_ctx]
+        plan.decode_q_start = torch.tensor(q_start, dtype=torch.long)
+        plan.decode_pad_rows = torch.tensor([q0 + min(j, n - 1) for q0, n in zip(q_start, nq) for j in range(num_q)],
+                                            dtype=torch.long).to(device)
+        plan.decode_unpad = torch.tensor([b * num_q + j for b, n in enumerate(nq) for j in range(n)],
+                                         dtype=torch.long).to(device)
+    plan.decode_token_idx = torch.tensor(token_idx, dtype=torch.long).to(device)
+    plan.decode_blocks = torch.tensor(blocks, dtype=torch.long).view(len(decodes), num_blocks).to(device)
+    plan.decode_first_pos = torch.tensor([f * bs for f in first_block], dtype=torch.long)
+    plan.decode_lo = torch.tensor(row_lo, dtype=torch.long)
+    plan.decode_ctx = torch.tensor(row_ctx, dtype=torch.long)
+    plan.mask_inputs = (first_block, num_blocks, q_pos, bs, window, zero, neg_inf, device)
+
+
+def _decode_mask(first_block: list[int], num_blocks: int, q_pos: list[list[int]], bs: int, window: int | None,
+                 zero: torch.Tensor, neg_inf: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[B, 1, Q, nb * bs] additive mask over the gathered blocks of each sequence (FastPlan.decode_mask)."""
+    fb = torch.tensor(first_block, dtype=torch.long)
+    key_pos = ((fb[:, None] + torch.arange(num_blocks)[None, :])[:, :, None] * bs
+               + torch.arange(bs)[None, None, :]).reshape(len(first_block), 1, -1)
+    qp = torch.tensor(q_pos, dtype=torch.long)[:, :, None]  # [B, Q, 1]
+    visible = key_pos <= qp  # [B, Q, K]
     if window is not None:
-        visible &= q_pos[:, :, None] - key_pos < window
-    plan.decode_token_idx = token_idx.to(device)
-    plan.decode_blocks = blocks.to(device)
-    plan.decode_mask = torch.where(visible, zero, neg_inf)[:, None].to(device)
-    plan.decode_first_pos, plan.decode_lo, plan.decode_ctx = first_block * bs, row_lo, row_ctx
+        visible &= qp - key_pos < window
+    return torch.where(visible, zero, neg_inf)[:, None].to(device)

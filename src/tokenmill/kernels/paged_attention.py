@@ -43,11 +43,12 @@ def paged_attention(
                                                    plan.decode_first_pos, plan.decode_lo, plan.decode_ctx,
                                                    scale, plan.decode_q_start).to(q.dtype)
         elif plan.decode_pad_rows is None:
-            dec_out = _decode_sdpa(qd, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+            dec_out = _decode_sdpa(qd, k_cache, v_cache, plan.decode_blocks, plan.mask(), scale)
         else:  # several queries per sequence: pad to [B, Q] query slots, one masked SDPA, drop the padding
-            bsz, num_q = plan.decode_mask.shape[0], plan.decode_mask.shape[2]
+            mask = plan.mask()
+            bsz, num_q = mask.shape[0], mask.shape[2]
             qp = qd.index_select(0, plan.decode_pad_rows).view(bsz, num_q, num_heads, head_dim)
-            dec_out = _decode_sdpa(qp, k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+            dec_out = _decode_sdpa(qp, k_cache, v_cache, plan.decode_blocks, mask, scale)
             dec_out = dec_out.reshape(bsz * num_q, num_heads, head_dim).index_select(0, plan.decode_unpad)
         if plan.decode_is_all:
             return dec_out

@@ -118,12 +118,14 @@ class QuantKernels:
             self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
                          weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
 
-    def linear_int8_rows(self, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
-        """x @ W.T by the int8 product into a fresh float32 [m, plan.width]: the decode path, without linear()'s
-        checks, for a caller that made sure x is a CPU float32 [m, plan.k] with m >= 1, contiguous
-        (layers/quantized.py). A decode step runs ~70 of these: linear() costs ~3x the native call in Python."""
+    def linear_int8_rows(self, x: torch.Tensor, plan: LinearPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T by the int8 product into `out` or a fresh float32 [m, plan.width]: the decode path, without
+        linear()'s checks, for a caller that made sure x is a CPU float32 [m, plan.k] with m >= 1, contiguous,
+        and out (if given) a contiguous CPU float32 [m, plan.width] (layers/quantized.py). A decode step runs ~70
+        of these: linear() costs ~3x the native call in Python."""
         m = x.shape[0]
-        out = torch.empty((m, plan.width), dtype=torch.float32)
+        if out is None:
+            out = torch.empty((m, plan.width), dtype=torch.float32)
         _, q, d, sums = plan.scratch(m)
         self._linear_int8(x.data_ptr(), m, plan.k, plan.k, q, d, sums, len(plan.parts), plan.types, plan.pointers,
                           plan.rows, plan.row_bytes, plan.cols, out.data_ptr(), plan.width, torch.get_num_threads())

@@ -124,9 +124,11 @@ class QuantizedLinear:
         self.int8_max_rows = int8_max_rows
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if (out is None and self.bias is None and x.dtype is torch.float32 and x.dim() == 2 and x.is_cpu
-                and x.is_contiguous() and x.shape[1] == self.in_features and 0 < x.shape[0] <= self.int8_max_rows):
-            return self.kernels.linear_int8_rows(x, self.plan)  # a decode step: the lean path
+        if (self.bias is None and x.dtype is torch.float32 and x.dim() == 2 and x.is_cpu and x.is_contiguous()
+                and x.shape[1] == self.in_features and 0 < x.shape[0] <= self.int8_max_rows
+                and (out is None or (out.dtype is torch.float32 and out.is_cpu and out.is_contiguous()
+                                     and out.shape == (x.shape[0], self.out_features)))):
+            return self.kernels.linear_int8_rows(x, self.plan, out)  # a decode step: the lean path
         lead = x.shape[:-1]
         if self.dense is not None and x.numel() > self.int8_max_rows * self.in_features:
             return self.dense(x.reshape(-1, self.in_features), out).view(*lead, self.out_features)
