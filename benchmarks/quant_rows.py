@@ -10,9 +10,13 @@ new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, f
 INT8_MAX_ROWS. Prints JSON.
 
     .venv/bin/python benchmarks/quant_rows.py [--reps 9] [--threads 1,2] [--rows 1,2,4,5,8,9,16]
+        [--old FILE --old-headers DIR] [--new FILE [--new-headers DIR]] [--workloads lm_head,layer.o] [--cold]
 
-The layer's weights (~4 MB) stay in cache across repetitions, so its figures are compute-bound; the LM head
-(~180 MB) streams from memory every call, as every weight does in a real decode step.
+Each source builds in its own folder against its own headers (--old-headers: default git HEAD's, or the working
+tree's csrc with --old; --new-headers: default --new's folder when it holds quant_blocks.h, else the working
+tree's csrc), so a change to quant_blocks.h or quant_dot.h is compared too. The layer's weights (~4 MB) stay in cache across repetitions, so its figures are
+compute-bound; the LM head (~180 MB) streams from memory every call, as every weight does in a real decode
+step. --cold evicts the caches before every call (a 128 MB write), so the layers' weights come from memory too.
 """
 
 from __future__ import annotations
@@ -45,20 +49,36 @@ WORKLOADS = {
     "layer.qkv": ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"],
     "layer.o": ["blk.0.attn_output.weight"],
     "layer.gate_up": ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"],
-    "layer.down": ["blk.0.ffn_down.weight"],
+    "layer.down": ["blk.0.ffn_down.weight"],  # Q6_K
+    "layer.down_q4k": ["blk.2.ffn_down.weight"],  # the other half of the layers' ffn_down
 }
 
 
-def build(source_text: str, name: str, workdir: Path) -> QuantKernels:
-    """quant_gemm.cpp alone (with the headers it includes) as a library for the widest runnable variant."""
+def build(source_text: str, name: str, workdir: Path, headers: dict[str, bytes]) -> QuantKernels:
+    """quant_gemm.cpp alone (with the headers it includes: name -> text) as a library for the widest runnable
+    variant, in its own folder so old and new each see their own headers."""
     variant = variants_for(host_cpu_features())[0]
+    workdir = workdir / name
+    workdir.mkdir()
     src = workdir / f"{name}.cpp"
     src.write_text(source_text)
-    for header in CSRC.glob("*.h"):
-        (workdir / header.name).write_bytes(header.read_bytes())
+    for header, text in headers.items():
+        (workdir / header).write_bytes(text)
     lib = workdir / f"{name}.so"
     subprocess.run(["g++", *_FLAGS, *variant.march, str(src), "-o", str(lib)], check=True)
     return QuantKernels(ctypes.CDLL(str(lib)))
+
+
+def folder_headers(folder: Path) -> dict[str, bytes]:
+    return {h.name: h.read_bytes() for h in folder.glob("*.h")}
+
+
+def head_headers() -> dict[str, bytes]:
+    """csrc's headers as git HEAD has them."""
+    listing = subprocess.run(["git", "ls-tree", "--name-only", "HEAD", f"{CSRC.relative_to(CSRC.parents[3])}/"],
+                             capture_output=True, text=True, check=True, cwd=CSRC.parents[3]).stdout.split()
+    return {Path(p).name: subprocess.run(["git", "show", f"HEAD:{p}"], capture_output=True, check=True,
+                                         cwd=CSRC.parents[3]).stdout for p in listing if p.endswith(".h")}
 
 
 def load_parts(gguf, names: list[str]) -> list[tuple[int, QuantizedTensor]]:
@@ -79,11 +99,15 @@ def once_ms(qk: QuantKernels, plan, x: torch.Tensor, out: torch.Tensor, int8: bo
     return (time.perf_counter() - start) * 1e3, (time.thread_time() - cpu) * 1e3
 
 
-def interleaved(libs: dict[str, QuantKernels], plans: dict, x, out, reps: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) ms per library, one call of each per round (warm-up round dropped)."""
+def interleaved(libs: dict[str, QuantKernels], plans: dict, x, out, reps: int,
+                cold: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) ms per library, one call of each per round (warm-up round dropped). `cold`: a buffer
+    larger than the last-level cache, rewritten before each call so the weights come from memory."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in libs}
     for rnd in range(reps + 1):
         for name, qk in libs.items():
+            if cold is not None:
+                cold.add_(1.0)
             t = once_ms(qk, plans[name], x, out)
             if rnd:
                 times[name].append(t)
@@ -96,20 +120,34 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9, help="rounds per point (the layer's get 10x as many)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rows", default="1,2,4,5,8,9,16")
-    ap.add_argument("--crossover-rows", default="16,20,24,32")
+    ap.add_argument("--crossover-rows", default="16,20,24,32", help="'' to skip the crossover")
     ap.add_argument("--old", type=Path, help="old quant_gemm.cpp (default: git HEAD's)")
     ap.add_argument("--new", type=Path, help="new quant_gemm.cpp (default: the working tree's)")
+    ap.add_argument("--old-headers", type=Path, help="folder of the headers the old source builds against "
+                    "(default: git HEAD's csrc headers without --old, else the working tree's csrc)")
+    ap.add_argument("--new-headers", type=Path, help="the same for the new source (default: --new's folder when "
+                    "it holds quant_blocks.h, else the working tree's csrc)")
+    ap.add_argument("--cold", action="store_true", help="evict the caches before every call (as in a real decode "
+                    "step, whose ~240 MB of weights stream from memory; the layers' figures are otherwise cache-hot)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     args = ap.parse_args()
     old_src = args.old.read_text() if args.old else subprocess.run(
         ["git", "show", f"HEAD:{SOURCE}"], capture_output=True, text=True, check=True,
         cwd=CSRC.parents[3]).stdout
     new_src = (args.new or CSRC / "quant_gemm.cpp").read_text()
+    new_headers = args.new_headers or (args.new.parent if args.new and (args.new.parent / "quant_blocks.h").exists()
+                                       else CSRC)
+    old_headers = (folder_headers(args.old_headers) if args.old_headers else
+                   folder_headers(CSRC) if args.old else head_headers())
     gguf = read_gguf(default_model_path())
     row_counts = [int(r) for r in args.rows.split(",")]
     results = []
+    cold = torch.zeros(32 << 20) if args.cold else None  # 128 MB
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"old": build(old_src, "old", Path(tmp)), "new": build(new_src, "new", Path(tmp))}
-        for workload, names in WORKLOADS.items():
+        libs = {"old": build(old_src, "old", Path(tmp), old_headers),
+                "new": build(new_src, "new", Path(tmp), folder_headers(new_headers))}
+        for workload in args.workloads.split(","):
+            names = WORKLOADS[workload]
             parts = load_parts(gguf, names)
             plans = {name: qk.plan(parts) for name, qk in libs.items()}
             width, k = plans["new"].width, plans["new"].k
@@ -119,7 +157,7 @@ def main() -> None:
                 base: dict[str, float] = {}
                 for rows in row_counts:
                     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-                    med = interleaved(libs, plans, x, torch.empty(rows, width), reps)
+                    med = interleaved(libs, plans, x, torch.empty(rows, width), reps, cold)
                     base = base or med
                     point = {"workload": workload, "threads": threads, "rows": rows}
                     # wall time; at 1 thread also the thread's CPU time, which leaves out the time other
@@ -131,7 +169,7 @@ def main() -> None:
                                       f"old_over_new_{kind}".rstrip("_"): round(med["old"][i] / med["new"][i], 2)})
                     results.append(point)
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        crossover = crossover_rows(libs["new"], gguf, [int(r) for r in args.crossover_rows.split(",")], args.reps)
+        crossover = crossover_rows(libs["new"], gguf, [int(r) for r in args.crossover_rows.split(",") if r], args.reps)
     print(json.dumps({"results": results, "crossover": crossover}, indent=1))
 
 

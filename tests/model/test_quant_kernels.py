@@ -102,6 +102,27 @@ def test_int8_row_result_does_not_depend_on_row_count(cpu_kernels, qtype):
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
+    """Bit for bit: threads split the output columns, and Q4_0 / Q5_0 run them two weight rows at a time, so a
+    column that runs paired with its neighbour on one thread count runs alone on another (n = 29: 1 thread
+    pairs columns 14 and 15, 2 threads split 0-14 | 15-28, 3 threads 0-9 | 10-19 | 20-28)."""
+    k = 544 if qtype.endswith("_0") else 768
+    w = _weight(qtype, 29, k, seed=11)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(11)) * torch.logspace(-1, 1, 5).unsqueeze(1)
+    previous = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs[threads] = [_int8(cpu_kernels, x[:rows].contiguous(), w) for rows in (1, 2, 3, 4, 5)]
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for rows, (want, got) in zip((1, 2, 3, 4, 5), zip(outs[1], outs[threads])):
+            assert torch.equal(got, want), f"{threads} threads, {rows} rows"
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
 @pytest.mark.parametrize("rows", [1, 7, 20])
 def test_panel_gemm_matches_reference(cpu_kernels, qtype, rows):
     """n = 67 leaves a partial panel and a partial group; rows past a multiple of the row tile."""

@@ -38,7 +38,7 @@ ENV_VAR = "TOKENMILL_CPU_KERNELS"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "decode_ops.cpp", "panel_gemm.cpp",
                                                                     "quant_gemm.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("wide_vector.h", "vec_math.h", "decode_attention.h", "panel_kernel.h",
-                                                                       "quant_blocks.h")]  # build key only
+                                                                       "quant_blocks.h", "quant_dot.h")]  # build key only
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
 _ABI_VERSION = 6
 

@@ -1,6 +1,7 @@
 // GGUF weight blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) unpacked into one shape, a Group of G weights:
 //   w[i] = s[i / 16] * q[i] - m[i / 32]
-// (see quant_gemm.cpp, the only file that includes this one: its products read the Groups made here).
+// (see quant_gemm.cpp and quant_dot.h, the files that include this one: their products read the Groups made
+// here, or on AVX2 the same quants and scales straight from registers: load_u32, k_chunk, k_scales8, q6k_scales).
 // The block layouts follow ggml's (ggml-quants.c, MIT); model/gguf_dequant.py decodes the same bytes.
 #pragma once
 
@@ -84,33 +85,94 @@ template <> void unpack<kQ8_0>(const uint8_t* b, Group& g) {
 }
 
 #if defined(__AVX2__)
-// The 32 signed quants of a 32-weight block, in a register (the unpackers store them; the int8 product of
-// these types reads them straight from here).
-template <int T> __m256i load_q32(const uint8_t* b);
+// The 32 quants of a 32-weight block in a register as stored, u = q + off (Q4_0: 0..15, off 8; Q5_0: 0..31,
+// off 16; Q8_0: q itself, off 0), and signed (load_q32). The int8 product takes u and the offset apart: the
+// offset's share is one product per activation chunk, shared by every weight row against it.
+template <int T> constexpr int kOff32 = T == kQ4_0 ? 8 : T == kQ5_0 ? 16 : 0;
+template <int T> __m256i load_u32(const uint8_t* b);
 
-template <> inline __m256i load_q32<kQ8_0>(const uint8_t* b) {
+template <> inline __m256i load_u32<kQ8_0>(const uint8_t* b) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
 }
 
-template <> inline __m256i load_q32<kQ4_0>(const uint8_t* b) {
+template <> inline __m256i load_u32<kQ4_0>(const uint8_t* b) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
-  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
-  return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
 }
 
-template <> inline __m256i load_q32<kQ5_0>(const uint8_t* b) {
+template <> inline __m256i load_u32<kQ5_0>(const uint8_t* b) {
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
   // Bit j of qh to byte j: broadcast the 4 bytes, pick byte j/8 per lane, test bit j%8.
   const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
                                           0x0303030303030303);
-  const __m256i bitmask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201), sixteen = _mm256_set1_epi8(16);
   __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), shuf);
-  hb = _mm256_cmpeq_epi8(_mm256_or_si256(hb, bitmask), _mm256_set1_epi64x(-1));  // 0xff where the bit is set
+  hb = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);  // 0xff where the bit is set
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
   const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
-  const __m256i q5 = _mm256_or_si256(nib, _mm256_and_si256(hb, _mm256_set1_epi8(16)));
-  return _mm256_sub_epi8(q5, _mm256_set1_epi8(16));
+  return _mm256_or_si256(nib, _mm256_and_si256(hb, sixteen));
+}
+
+template <int T> inline __m256i load_q32(const uint8_t* b) {
+  const __m256i u = load_u32<T>(b);
+  return kOff32<T> ? _mm256_sub_epi8(u, _mm256_set1_epi8(kOff32<T>)) : u;
+}
+
+// ---- K-quant blocks straight into registers (the int8 product, 1-4 rows: no Group stored and reloaded) -------
+
+// The 8 scales and 8 minimums of a Q4_K / Q5_K block as floats, d * sc and dmin * m (the values
+// k_group_scales stores), decoded with 32-bit masks instead of k_scale_min's byte loop: bytes 0-3 hold the
+// low 6 bits of scales 0-3, bytes 4-7 those of minimums 0-3, bytes 8-11 the low 4 bits of scale / minimum
+// 4-7 (low / high nibble), whose top 2 bits sit in the top 2 bits of bytes 0-3 / 4-7.
+inline void k_scales8(const uint8_t* b, __m256& s, __m256& m) {
+  uint32_t u[3];
+  std::memcpy(u, b + 4, 12);
+  const uint32_t sc_lo = u[0] & 0x3f3f3f3fu, m_lo = u[1] & 0x3f3f3f3fu;
+  const uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 2) & 0x30303030u);
+  const uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 2) & 0x30303030u);
+  auto floats = [](uint32_t lo, uint32_t hi) {  // 8 bytes -> 8 floats
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(static_cast<int>(lo), static_cast<int>(hi), 0, 0)));
+  };
+  s = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b)), floats(sc_lo, sc_hi));
+  m = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b + 2)), floats(m_lo, m_hi));
+}
+
+// The 32 quants of 32-weight chunk ch (0-7) of a K-quant block: Q4_K / Q5_K 0..31 (as Group.q), Q6_K 0..63
+// (Group.q + 32: the offset is left to the dot product, which takes it off once per activation chunk).
+template <int T> __m256i k_chunk(const uint8_t* b, int ch);
+
+template <> inline __m256i k_chunk<kQ4_K>(const uint8_t* b, int ch) {  // chunk 2j: low nibbles of qs[32j..], 2j+1: high
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * (ch / 2)));
+  return _mm256_and_si256(ch % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+}
+
+template <> inline __m256i k_chunk<kQ5_K>(const uint8_t* b, int ch) {  // + bit ch of qh[0..31] as 16
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * (ch / 2)));
+  const __m256i lo = _mm256_and_si256(ch % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+  // (bit ch of each byte to bit 4: the 16-bit shifts carry bits across the byte pair only into bits the mask drops)
+  const __m256i hi = ch <= 4 ? _mm256_slli_epi16(h, 4 - ch) : _mm256_srli_epi16(h, ch - 4);
+  return _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi8(16)));
+}
+
+template <> inline __m256i k_chunk<kQ6_K>(const uint8_t* b, int ch) {
+  // half ch / 4 (128 weights): ql 64 bytes, qh 32; chunk j = ch % 4 takes the low (j < 2) or high nibbles of
+  // ql[32 (j % 2)..] and bits 2j, 2j + 1 of qh as bits 4-5.
+  const int half = ch / 4, j = ch % 4;
+  const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half + 32 * (j % 2)));
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+  const __m256i lo = _mm256_and_si256(j < 2 ? l : _mm256_srli_epi16(l, 4), _mm256_set1_epi8(15));
+  const __m256i hi = j < 2 ? _mm256_slli_epi16(h, 4 - 2 * j) : _mm256_srli_epi16(h, 2 * j - 4);
+  return _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
+}
+
+// Q6_K's 16 scales, d * sc, as two vectors of 8 (scales 0-7, 8-15).
+inline void q6k_scales(const uint8_t* b, __m256& lo, __m256& hi) {
+  const __m256 d = _mm256_set1_ps(f16_to_f32(b + 208));
+  const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+  lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+  hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
 }
 #endif
 

@@ -8,13 +8,17 @@
 // Two products, picked by the caller by row count (layers/quantized.py):
 // - quant_linear_int8 (few rows: decode, speculative verification). Each activation row is quantized once per
 //   layer to 8 bits per 32-element block (quantize_act_q8: scale amax/127, round half to even), and every weight
-//   block is read and unpacked once for all the rows (up to 4: in registers; more: a weight row at a time into
-//   an L1 buffer that groups of 4 rows run over). Per 32 weights and row: one integer dot product (AVX2
-//   maddubs + madd, or AVX-512 VNNI dpbusd; signed weights carry their sign over to x), scales in float32:
+//   block is read and unpacked once for all the rows (up to 4: straight into registers, Q4_0 / Q5_0 two
+//   weight rows per activation load; more: a weight row at a time into an L1 buffer that groups of 4 rows run
+//   over). Per 32 weights and row: one integer dot product (AVX2 maddubs + madd, or AVX-512 VNNI dpbusd; Q8_0
+//   carries the weights' sign over to x, Q4_0 / Q5_0 / Q6_K take their offset off as one product per
+//   activation chunk), scales in float32:
 //     sum_i w_i x_i = dx * s * sum_i q_i qx_i  [- m * dx * sum_i qx_i for Q4_K / Q5_K, whose quants are unsigned]
 //   (Q6_K: a scale per 16-weight half, as lanes 0-3 / 4-7 of the dot product.) Two accumulators alternate
 //   between blocks so single-row decode is not bound by one FMA chain's latency. Threads split the output
-//   columns (weight rows), so each weight byte is read once per call.
+//   columns (weight rows), so each weight byte is read once per call. The per-block arithmetic is in
+//   quant_dot.h; every path does the same float operations per row, so a row's result does not depend on
+//   the number of rows or threads.
 // - quant_gemm_panels (many rows: prefill, large batches). Weight rows are dequantized on the fly, NR panels
 //   at a time, into a thread's float32 panel buffer (L2-sized), and the panel GEMM microkernel (panel_kernel.h)
 //   multiplies every row tile against them: float32 arithmetic, exact activations, no dense copy in memory.
@@ -37,6 +41,7 @@
 
 #include "panel_kernel.h"
 #include "quant_blocks.h"
+#include "quant_dot.h"
 
 namespace {
 
@@ -61,139 +66,63 @@ void quantize_row_q8(const float* x, int64_t k, int8_t* q, float* d_out, float* 
   }
 }
 
-// ---- per 32 weights and activation row: integer dot product, scaled into a float accumulator -----------------
+// In a decode step the weights stream from memory (the LM head alone is 180 MB, the layers ~60 MB, past the
+// last-level cache), and the hardware prefetcher alone left one thread at ~13 GB/s on the LM head: each row
+// loop also asks for the bytes kPrefetchAhead (~3 LM head rows) ahead of a block, a line per 64 bytes. Measured
+// (benchmarks/quant_rows.py): LM head 1.2-1.3x, the layers 1.02-1.09x with cold caches, no change with hot ones.
+constexpr int64_t kPrefetchAhead = 2048;
 
-// Activation rows handed to a weight row: quants, block scales, block sums (only read for types with minimums).
-struct Acts {
-  const int8_t* q;
-  const float* d;
-  const float* sum;
-  int64_t k;
-};
-
-#if defined(__AVX2__)
-struct Lanes {  // 8 float partial sums per row; two sets alternate between blocks (two FMA chains in flight)
-  __m256 v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  __m256 m = _mm256_setzero_ps();
-};
-
-inline float hsum(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+template <int T>
+inline void prefetch_block(const uint8_t* b) {  // (a hint: it never faults, also past the last row)
+  for (int at = 0; at < Format<T>::bytes; at += 64) __builtin_prefetch(b + kPrefetchAhead + at);
 }
 
-// 8 int32 lanes of sum w*x over 4 consecutive bytes each (lanes 0-3: weights 0-15). `uw` is |w| for signed
-// weights (their sign moved onto x) or w itself for unsigned ones.
-inline __m256i dot32(__m256i uw, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, x);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, x), _mm256_set1_epi16(1));  // |w| <= 128, |x| <= 127: no saturation
-#endif
-}
-
-template <int T, int R, int set>
-inline void block_dot(const float* s, const float* m, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc,
-                      const float* S = nullptr) {  // S (Q4_K / Q5_K): the products s * d, made ahead per row
-  using F = Format<T>;
-  const int64_t nb = a.k / 32;
-  for (int ch = 0; ch < F::G / 32; ++ch) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * ch));
-    const __m256i uw = F::has_min ? w : _mm256_sign_epi8(w, w);
-    const __m256 scale = F::halves ? _mm256_setr_m128(_mm_set1_ps(s[2 * ch]), _mm_set1_ps(s[2 * ch + 1]))
-                                   : _mm256_set1_ps(s[2 * ch]);
-    const int64_t b32 = blk * (F::G / 32) + ch;
-    for (int r = 0; r < R; ++r) {
-      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + 32 * b32));
-      if constexpr (!F::has_min) x = _mm256_sign_epi8(x, w);
-      const __m256 p = _mm256_cvtepi32_ps(dot32(uw, x));
-      const __m256 sd = F::has_min && S != nullptr ? _mm256_broadcast_ss(S + r * nb + b32)
-                                                   : _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + b32));
-      acc[r].v[set] = _mm256_fmadd_ps(p, sd, acc[r].v[set]);
-    }
-  }
-  if constexpr (F::has_min) {  // minus sum over the 8 chunks of min * (activation scale * sum of its quants)
-    const __m256 mins = _mm256_loadu_ps(m);
-    for (int r = 0; r < R; ++r)
-      acc[r].m = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.sum + r * nb + blk * 8), acc[r].m);
-  }
-}
-
-inline float finish(const Lanes& acc) { return hsum(_mm256_sub_ps(_mm256_add_ps(acc.v[0], acc.v[1]), acc.m)); }
-#else
-struct Lanes {
-  float v[2] = {0.f, 0.f};
-  float m = 0.f;
-};
-
-template <int T, int R, int set>
-inline void block_dot(const float* s, const float* m, const int8_t* wq, const Acts& a, int64_t blk, Lanes* acc,
-                      const float* = nullptr) {
-  using F = Format<T>;
-  const int64_t nb = a.k / 32;
-  for (int ch = 0; ch < F::G / 32; ++ch) {
-    const int8_t* w = wq + 32 * ch;
-    const int64_t b32 = blk * (F::G / 32) + ch;
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = a.q + r * a.k + 32 * b32;
-      int32_t lo = 0, hi = 0;
-      for (int i = 0; i < 16; ++i) lo += static_cast<int32_t>(w[i]) * x[i];
-      for (int i = 16; i < 32; ++i) hi += static_cast<int32_t>(w[i]) * x[i];
-      acc[r].v[set] += a.d[r * nb + b32] * (s[2 * ch] * static_cast<float>(lo) + s[2 * ch + 1] * static_cast<float>(hi));
-      if constexpr (F::has_min) acc[r].m += m[ch] * a.sum[r * nb + b32];
-    }
-  }
-}
-
-inline float finish(const Lanes& acc) { return acc.v[0] + acc.v[1] - acc.m; }
-#endif
-
-// One weight block against R activation rows, into accumulator set `set`.
-template <int T, int R, int set>
-inline void int8_block(Group& g, const uint8_t* b, const Acts& a, int64_t blk, Lanes* acc) {
-#if defined(__AVX2__)
-  if constexpr (Format<T>::G == 32) {  // one 32-weight block: its quants stay in a register
-    const __m256i w = load_q32<T>(b);
-    const __m256i uw = _mm256_sign_epi8(w, w);
-    const __m256 scale = _mm256_set1_ps(f16_to_f32(b));
-    const int64_t nb = a.k / 32;
-    for (int r = 0; r < R; ++r) {
-      const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + 32 * blk)), w);
-      const __m256 p = _mm256_cvtepi32_ps(dot32(uw, x));
-      acc[r].v[set] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_broadcast_ss(a.d + r * nb + blk)), acc[r].v[set]);
-    }
-    return;
-  }
-#endif
-  const int8_t* wq = g.q;
-  if constexpr (T == kQ8_0) {  // already one int8 per weight: read in place
-    g.s[0] = g.s[1] = f16_to_f32(b);
-    wq = reinterpret_cast<const int8_t*>(b + 2);
-  } else {
-    unpack<T>(b, g);
-  }
-  block_dot<T, R, set>(g.s, g.m, wq, a, blk, acc);
-}
-
-// Output columns [n0, n1) for R activation rows. Blocks alternate between the two accumulator sets (a
-// compile-time choice, so the accumulators stay in registers).
-template <int T, int R>
-void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c, int64_t ldc) {
+// Output columns [n0, n1) for R activation rows, NW weight rows at a time. Blocks alternate between the two
+// accumulator sets (a compile-time choice, so the accumulators stay in registers).
+template <int T, int R, int NW>
+void int8_cols(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c, int64_t ldc) {
   using F = Format<T>;
   const int64_t nblk = a.k / F::G;
   Group g;
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = n0; n + NW <= n1; n += NW) {
     const uint8_t* wrow = w + n * row_bytes;
-    Lanes acc[R];
-    int64_t blk = 0;
-    for (; blk + 2 <= nblk; blk += 2) {
-      int8_block<T, R, 0>(g, wrow + blk * F::bytes, a, blk, acc);
-      int8_block<T, R, 1>(g, wrow + (blk + 1) * F::bytes, a, blk + 1, acc);
+    Lanes acc[NW * R];
+    if constexpr (NW > 1) {  // set 0's blocks, then set 1's: half the accumulators live at once (GCC spilled them)
+      for (int64_t blk = 0; blk < nblk; blk += 2) {
+        for (int j = 0; j < NW; ++j) prefetch_block<T>(wrow + j * row_bytes + blk * F::bytes);
+        int8_block<T, R, 0, NW>(g, wrow + blk * F::bytes, row_bytes, a, blk, acc);
+      }
+      for (int64_t blk = 1; blk < nblk; blk += 2)
+        int8_block<T, R, 1, NW>(g, wrow + blk * F::bytes, row_bytes, a, blk, acc);
+    } else {
+      int64_t blk = 0;
+      for (; blk + 2 <= nblk; blk += 2) {
+        prefetch_block<T>(wrow + blk * F::bytes);  // (32-weight blocks: one line covers both)
+        if constexpr (F::G == 256) prefetch_block<T>(wrow + (blk + 1) * F::bytes);
+        int8_block<T, R, 0, NW>(g, wrow + blk * F::bytes, row_bytes, a, blk, acc);
+        int8_block<T, R, 1, NW>(g, wrow + (blk + 1) * F::bytes, row_bytes, a, blk + 1, acc);
+      }
+      if (blk < nblk) int8_block<T, R, 0, NW>(g, wrow + blk * F::bytes, row_bytes, a, blk, acc);
     }
-    if (blk < nblk) int8_block<T, R, 0>(g, wrow + blk * F::bytes, a, blk, acc);
-    for (int r = 0; r < R; ++r) c[r * ldc + n] = finish(acc[r]);
+    for (int j = 0; j < NW; ++j)
+      for (int r = 0; r < R; ++r) c[r * ldc + n + j] = finish(acc[j * R + r]);
   }
+}
+
+// Two weight rows per activation load for Q4_0 / Q5_0 (1-4 rows: 1.07-1.2x), so each activation chunk, its
+// scale and its offset product serve both. Not Q8_0, whose LM head streams from memory and measured slower
+// over two rows at once, nor the K-quants (no gain measured). A column's arithmetic is the same whichever way
+// it runs: results do not depend on the threads' split.
+template <int T, int R>
+void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c, int64_t ldc) {
+#if defined(__AVX2__)
+  constexpr int NW = Format<T>::G == 32 && T != kQ8_0 ? 2 : 1;
+#else
+  constexpr int NW = 1;
+#endif
+  const int64_t n_pairs = n0 + (n1 - n0) / NW * NW;
+  int8_cols<T, R, NW>(a, w, row_bytes, n0, n_pairs, c, ldc);
+  if (n_pairs < n1) int8_cols<T, R, 1>(a, w, row_bytes, n_pairs, n1, c, ldc);
 }
 
 // R <= 4 activation rows against the whole part, each weight block unpacked once (into registers or g).
@@ -234,6 +163,26 @@ void unpack_row(const uint8_t* wrow, int64_t k, Group& g, const RowBuf& rb) {
     if constexpr (F::G == 32) {  // straight into the buffer, no stop in g
       _mm256_store_si256(reinterpret_cast<__m256i*>(rb.q + 32 * blk), load_q32<T>(b));
       rb.s[2 * blk] = rb.s[2 * blk + 1] = f16_to_f32(b);
+      continue;
+    } else {  // chunks and scales from registers, as the 1-4 row path makes them (k % 256 = 0: fields 32-aligned)
+      __m256 s, m, s_hi;
+      if constexpr (T == kQ6_K) {
+        q6k_scales(b, s, s_hi);
+        _mm256_store_ps(rb.s + 16 * blk, s);
+        _mm256_store_ps(rb.s + 16 * blk + 8, s_hi);
+      } else {
+        k_scales8(b, s, m);
+        _mm256_store_ps(rb.s32 + 8 * blk, s);
+        _mm256_store_ps(rb.m + 8 * blk, m);
+        _mm256_store_ps(rb.s + 16 * blk, _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+        _mm256_store_ps(rb.s + 16 * blk + 8, _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+      }
+#pragma GCC unroll 8
+      for (int ch = 0; ch < 8; ++ch) {
+        const __m256i q = k_chunk<T>(b, ch);  // (Q6_K: the signed quants Group.q holds)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(rb.q + 256 * blk + 32 * ch),
+                           T == kQ6_K ? _mm256_sub_epi8(q, _mm256_set1_epi8(32)) : q);
+      }
       continue;
     }
 #endif
