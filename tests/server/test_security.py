@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from tokenmill.config import BatchConfig, EngineConfig, ServerConfig
 from tokenmill.engine.args import engine_config
-from tokenmill.server.app import OPEN_PATHS, create_app
+from tokenmill.server.access import OPEN_PATHS
+from tokenmill.server.app import create_app
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -76,6 +76,7 @@ class BatchWorker:
         self._jobs: dict[str, asyncio.Task] = {}
         self._cancel: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
+        self._lines_started = asyncio.Event()  # set while batch lines run: the interactive watch samples only then
         self._loop_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
 
@@ -175,6 +176,7 @@ class BatchWorker:
                     break
                 task = asyncio.create_task(self._run_line(bid, batch["endpoint"], line))
                 self.num_inflight_lines += 1  # now, not when the task starts: the next _must_share counts it
+                self._lines_started.set()
                 running.add(task)
                 task.add_done_callback(running.discard)
                 # In a callback, not the task's finally: a task cancelled before its first step runs no
@@ -204,8 +206,12 @@ class BatchWorker:
     async def _watch_interactive(self) -> None:
         """Sample for interactive traffic while batch lines run (a reading at the next turn alone can miss it)."""
         while True:
-            if self.num_inflight_lines:
-                self._note_interactive()
+            if not self.num_inflight_lines:
+                # Idle until a line starts: a 20 ms timer in a server with no batch work would wake it 50 times a
+                # second, each time taking a core from the engine on a small machine.
+                self._lines_started.clear()
+                await self._lines_started.wait()
+            self._note_interactive()
             await asyncio.sleep(_SHARE_POLL_S)
 
     async def _acquire(self, cancelled: asyncio.Event) -> bool:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,12 +20,12 @@ from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.dashboard.router import dashboard_router, process_info
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.model.default_model import DEFAULT_MODEL_NAME
+from tokenmill.server.access import AccessMiddleware
 from tokenmill.server.batches_api import batches_router
 from tokenmill.server.core_supervisor import supervise
 from tokenmill.server.errors import (
     APIError,
     engine_dead,
-    error_body,
     install_error_handlers,
     unavailable,
 )
@@ -47,7 +45,6 @@ from tokenmill.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from tokenmill.server.request_log import log_rejected, track_http_request
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_completions import create_completion
 from tokenmill.server.serving_embeddings import create_embedding
@@ -63,10 +60,6 @@ from tokenmill.server.state import ServerState
 log = logging.getLogger("tokenmill.server")
 
 EngineFactory = Callable[[EngineConfig], Awaitable[Any]]
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # POSTs to these get a log line when refused
-# With --api-key every path needs the key except these (a new route is guarded by default): probes and the
-# version, and /metrics unless --no-metrics-open.
-OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 async def start_multiprocess_engine(config: EngineConfig) -> Any:
@@ -112,37 +105,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     app.state.tokenmill = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # One middleware for both: each BaseHTTPMiddleware layer costs a task per request.
-        if request.method != "POST" or not request.url.path.startswith(_PROTECTED):
-            return await auth(request, call_next)
-        t0, summarised = time.monotonic(), track_http_request()
-        response = await auth(request, call_next)
-        if response.status_code >= 400 and not summarised:  # failed before any engine request was logged
-            log_rejected(request.method, request.url.path, response.status_code, time.monotonic() - t0)
-        return response
-
-    key_digest = hashlib.sha256(server_config.api_key.encode()).digest() if server_config.api_key else None
-
-    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        if key_digest is not None and path not in OPEN_PATHS and not (path == "/metrics" and server_config.metrics_open):
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            # Digests have one length: compare_digest then takes the same time whatever the token's length.
-            if not hmac.compare_digest(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest(), key_digest):
-                msg = "Missing API key: send `Authorization: Bearer <key>`." if not token else "Incorrect API key provided."
-                return JSONResponse(error_body(msg, "authentication_error", None, "invalid_api_key"), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        try:
-            return await call_next(request)
-        except RuntimeError as exc:
-            # A non-stream handler cancelled because its client left (streaming.until_disconnect) returns no
-            # response; Starlette reports that as this error, which would log a traceback per disconnect.
-            if str(exc) != "No response returned.":
-                raise
-            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    app.add_middleware(AccessMiddleware, api_key=server_config.api_key, metrics_open=server_config.metrics_open)
 
     @app.post("/v1/completions", openapi_extra=route_doc(CompletionRequest, CompletionResponse, stream=True))
     async def completions(request: Request) -> Response:
