@@ -51,11 +51,11 @@ def test_qk_norm_rope_refuses_bad_arguments(cpu_kernels):  # noqa: F811
     x, cs = torch.zeros(2, 3 * 8), torch.zeros(2, 8)
     w = torch.ones(8)
     with pytest.raises(ValueError, match="x must be CPU float32"):
-        cpu_kernels.qk_norm_rope(torch.zeros(2, 16), 2, 1, 8, w, w, 1e-6, cs, cs)
+        cpu_kernels.decode_ops.qk_norm_rope(torch.zeros(2, 16), 2, 1, 8, w, w, 1e-6, cs, cs)
     with pytest.raises(ValueError, match="both be float32"):
-        cpu_kernels.qk_norm_rope(x, 2, 1, 8, w, None, 1e-6, cs, cs)
+        cpu_kernels.decode_ops.qk_norm_rope(x, 2, 1, 8, w, None, 1e-6, cs, cs)
     with pytest.raises(ValueError, match="cos must be contiguous"):
-        cpu_kernels.qk_norm_rope(x, 2, 1, 8, w, w, 1e-6, torch.zeros(1, 8), cs)
+        cpu_kernels.decode_ops.qk_norm_rope(x, 2, 1, 8, w, w, 1e-6, torch.zeros(1, 8), cs)
 
 
 @pytest.mark.parametrize(("src", "cache"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
@@ -70,19 +70,19 @@ def test_write_kv_matches_reference(cpu_kernels, src, cache, rows):  # noqa: F81
     want_k, want_v = torch.zeros(blocks, bs, hkv, d, dtype=cache), torch.zeros(blocks, bs, hkv, d, dtype=cache)
     write_kv(want_k, want_v, k, v, slots)
     got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
-    assert cpu_kernels.write_kv(got_k, got_v, k, v, slots)
+    assert cpu_kernels.decode_ops.write_kv(got_k, got_v, k, v, slots)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
 def test_write_kv_declines_other_dtypes_and_refuses_bad_slots(cpu_kernels):  # noqa: F811
     kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
     k = torch.ones(1, 1, 8)
-    assert not cpu_kernels.write_kv(kc.half(), vc.half(), k.half(), k.half(), torch.tensor([0]))
+    assert not cpu_kernels.decode_ops.write_kv(kc.half(), vc.half(), k.half(), k.half(), torch.tensor([0]))
     with pytest.raises(IndexError, match="outside the cache"):
-        cpu_kernels.write_kv(kc, vc, k, k, torch.tensor([8]))
+        cpu_kernels.decode_ops.write_kv(kc, vc, k, k, torch.tensor([8]))
     assert not kc.any()  # nothing written
     with pytest.raises(ValueError, match="slots int64"):
-        cpu_kernels.write_kv(kc, vc, k, k, torch.tensor([0, 1]))
+        cpu_kernels.decode_ops.write_kv(kc, vc, k, k, torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("with_next", [False, True])

@@ -21,7 +21,8 @@ from tokenmill.kernels.quant_format import QuantizedTensor, has_kernel
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _bind(f, argtypes: list, restype=ctypes.c_int):
+def bind(f, argtypes: list, restype=ctypes.c_int):
+    """A ctypes function of the library with its argument and result types set (restype None: void)."""
     f.restype = restype
     f.argtypes = argtypes
     return f
@@ -68,10 +69,10 @@ class LinearPlan:
 
 class QuantKernels:
     def __init__(self, lib: ctypes.CDLL):
-        self._quantize = _bind(lib.quantize_act_q8, [_p, _i64, _i64, _i64, _p, _p, _p, _int], None)
-        self._panels = _bind(lib.quant_gemm_panels, [_int, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
-        self._dequant = _bind(lib.quant_dequant_rows, [_int, _p, _i64, _p, _i64, _i64, _p, _int])
-        self._linear_int8 = _bind(lib.quant_linear_int8, [_p, _i64, _i64, _i64, _p, _p, _p, _int, _p, _p, _p, _p, _p,
+        self._quantize = bind(lib.quantize_act_q8, [_p, _i64, _i64, _i64, _p, _p, _p, _int], None)
+        self._panels = bind(lib.quant_gemm_panels, [_int, _p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _int])
+        self._dequant = bind(lib.quant_dequant_rows, [_int, _p, _i64, _p, _i64, _i64, _p, _int])
+        self._linear_int8 = bind(lib.quant_linear_int8, [_p, _i64, _i64, _i64, _p, _p, _p, _int, _p, _p, _p, _p, _p,
                                                           _p, _i64, _int])
 
     def quantize_activations(self, x: torch.Tensor) -> QuantActivations:

@@ -59,7 +59,7 @@ class Attention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
         meta = ctx.attn_metadata[ctx.layer_to_group[self.layer_id]]
         fast = ctx.backend != "reference"
-        if not (fast and ctx.cpu_kernels is not None and ctx.cpu_kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)):
+        if not (fast and ctx.cpu_kernels is not None and ctx.cpu_kernels.decode_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)):
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if not fast:
             out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale, self.sliding_window)

@@ -36,7 +36,6 @@ class FusedLinear(nn.Linear):
         for name, size in shard_sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
-        self.shard_sizes = list(shard_sizes.values())
 
     def load_shard(self, shard: str, loaded: torch.Tensor | QuantizedTensor, is_bias: bool = False) -> None:
         offset, size = self.shard_offsets[shard]
@@ -48,9 +47,6 @@ class FusedLinear(nn.Linear):
             return
         with torch.no_grad():
             target[offset : offset + size].copy_(loaded)
-
-    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return out.split(self.shard_sizes, dim=-1)
 
 
 def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:

@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
         if (kernels is not None and x.dtype is torch.float32 and y.dtype is torch.float32 and x.is_cpu
                 and x.is_contiguous() and y.is_contiguous() and x.shape == y.shape
                 and (next_norm is None or (next_norm.native_weight is not None and next_norm.eps == self.eps))):
-            return kernels.add_rms_norm(x, y, self.native_weight, self.eps,
+            return kernels.decode_ops.add_rms_norm(x, y, self.native_weight, self.eps,
                                         None if next_norm is None else next_norm.native_weight)
         out = x + self(y)
         return out, None if next_norm is None else next_norm(out)

@@ -115,7 +115,7 @@ class RotaryEmbedding(nn.Module):
         if (kernels is not None and qkv.dtype is torch.float32 and qkv.is_cpu and qkv.dim() == 2 and qkv.stride(1) == 1
                 and (q_norm is None or (weights[0] is not None and weights[1] is not None and q_norm.eps == k_norm.eps))):
             cos, sin = self.cos_sin(positions, torch.float32)
-            kernels.qk_norm_rope(qkv, num_heads, num_kv_heads, d, *weights, 0.0 if q_norm is None else q_norm.eps,
+            kernels.decode_ops.qk_norm_rope(qkv, num_heads, num_kv_heads, d, *weights, 0.0 if q_norm is None else q_norm.eps,
                                  cos, sin)
             return qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
         v = qkv[:, q_size + kv_size :]
