@@ -14,6 +14,7 @@ import hmac
 import time
 
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.server.errors import error_body
@@ -68,7 +69,7 @@ class AccessMiddleware:
         """The 401 response for a request without the key, or None."""
         if self.key_digest is None or path in OPEN_PATHS or (path == "/metrics" and self.metrics_open):
             return None
-        header = _header(scope, b"authorization")
+        header = Headers(scope=scope).get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         # Digests have one length: compare_digest then takes the same time whatever the token's length.
         if hmac.compare_digest(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest(), self.key_digest):
@@ -77,9 +78,3 @@ class AccessMiddleware:
         return JSONResponse(error_body(msg, "authentication_error", None, "invalid_api_key"), status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
 
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""
