@@ -32,6 +32,7 @@ from tokenmill.executor.prompt_logprobs import compute_prompt_logprobs
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.kernels.metadata import AttentionMetadata
 from tokenmill.layers.attention import ForwardContext
+from tokenmill.layers.decode_step import attach_fused_decode
 from tokenmill.layers.linear import prepare_linears_for_cpu
 from tokenmill.layers.sampler import Sampler, SeqSamplingState, needs_penalties
 from tokenmill.lora.manager import LoRAManager
@@ -67,6 +68,8 @@ class ModelRunner:
             for module in self.model.modules():  # norms and gated activations with a native fast path
                 if hasattr(module, "use_cpu_kernels"):
                     module.use_cpu_kernels(self.cpu_kernels)
+            if self.lora is None:  # (LoRA wraps the projections: those steps run layer by layer)
+                attach_fused_decode(self.model, self.cpu_kernels)
         log.info("%s", describe_precision(self.precision_info()))
         self.sampler = Sampler(self.loaded.vocab_size, self.device, self.cpu_kernels)
         self.generator = torch.Generator(device=self.device)

@@ -31,17 +31,19 @@ import torch
 
 from tokenmill.kernels.cpu_features import CpuFeatures, host_cpu_features
 from tokenmill.kernels.decode_ops import DecodeOps
+from tokenmill.kernels.decode_step import DecodeStepKernel
 from tokenmill.kernels.quant_kernels import QuantKernels, bind
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TOKENMILL_CPU_KERNELS"
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "decode_ops.cpp", "panel_gemm.cpp",
-                                                                    "quant_gemm.cpp")]
-_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("wide_vector.h", "vec_math.h", "decode_attention.h", "panel_kernel.h",
-                                                                       "quant_blocks.h", "quant_dot.h")]  # build key only
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "decode_ops.cpp", "decode_step.cpp",
+                                                                    "panel_gemm.cpp", "quant_gemm.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / name for name in (
+    "wide_vector.h", "vec_math.h", "decode_attention.h", "decode_ops.h", "panel_kernel.h", "quant_blocks.h", "quant_dot.h",
+    "quant_int8.h")]  # build key only
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class CpuKernels:
         self.variant = variant
         self.quant = QuantKernels(lib)  # GGUF-block products (kernels/quant_kernels.py)
         self.decode_ops = DecodeOps(lib)  # the small per-layer steps of a decode (kernels/decode_ops.py)
+        self.decode_step = DecodeStepKernel(lib)  # all layers of a decode step in one call (kernels/decode_step.py)
         self._checked_meta: tuple | None = None  # decode_attention's last metadata tensors, already checked
         decode_args = [_f32p, _f32p, _f32p, _i64p, _i64, _i64p, _i64p, _i64p, _i64p,
                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]

@@ -25,7 +25,7 @@ from tokenmill.layers.linear import FusedLinear
 from tokenmill.layers.lm_head import LMHead
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.model.llama import GatedMLP, LlamaForCausalLM, layer_sliding_windows
+from tokenmill.model.llama import GatedMLP, LlamaForCausalLM, layer_sliding_windows, run_layers
 
 
 def gemma_rope_parameters(config: Any) -> tuple[dict, dict]:
@@ -90,6 +90,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
+        self.fused_layers = None  # see model/llama.py run_layers
         # An explicit weight skips reset_parameters: its normal_() over 168M elements costs seconds even on
         # the meta device that models are built on.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
@@ -111,9 +112,7 @@ class Gemma3Model(nn.Module):
         x = self.embed_tokens(input_ids)
         # Like transformers: the scale is rounded to the weight dtype first (sqrt(640) in bf16 differs).
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+        return self.norm(run_layers(self, x, positions, ctx))
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

@@ -102,9 +102,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def run_layers(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """x through decoder.layers: in one native call when decoder.fused_layers (layers/decode_step.py, set by the
+    model runner) covers the step, else layer by layer."""
+    fused = decoder.fused_layers
+    out = fused(x, positions, ctx) if fused is not None else None
+    if out is not None:
+        return out
+    for layer in decoder.layers:
+        x = layer(positions, x, ctx)
+    return x
+
+
 class DecoderModel(nn.Module):
     def __init__(self, config: Any, attn_bias: bool, qk_norm: bool):
         super().__init__()
+        self.fused_layers = None  # see run_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
@@ -115,10 +128,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+        return self.norm(run_layers(self, self.embed_tokens(input_ids), positions, ctx))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -42,39 +42,19 @@ void rms_norm_rows(const T* x, const float* w, int64_t rows, int64_t n, int64_t 
   for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * ldx, w, n, eps, round_first, out + r * ldo);
 }
 
-// gelu_and_mul_rows: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up,
-// in float32; for bf16 the gelu is rounded to bf16 before the product, as torch's two bf16 ops do.
+// gelu_and_mul_rows: x [rows, 2n] = [gate | up] (row stride ldx) -> out [rows, n] = gelu_tanh(gate) * up
+// (vec_math.h's gelu_and_mul_row per row).
 template <typename T>
 void gelu_and_mul_rows(const T* x, int64_t rows, int64_t n, int64_t ldx, T* out, int num_threads) {
-  constexpr int kParts = kW / 8;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * n > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = x + r * ldx;
-    const T* u = g + n;
-    T* o = out + r * n;
-    int64_t i = 0;
-    for (; i + kW <= n; i += kW) {
-      const vw gv = loadw(g + i);
-      v8f parts[kParts];
-      std::memcpy(parts, &gv, sizeof(gv));
-      for (int j = 0; j < kParts; ++j) parts[j] = gelu_tanh8(parts[j]);
-      vw act;
-      std::memcpy(&act, parts, sizeof(act));
-      storew(o + i, act);  // rounds to T (a no-op for float32) ...
-      storew(o + i, loadw(o + i) * loadw(u + i));  // ... before the product, like torch
-    }
-    for (; i < n; ++i) {
-      store_f32(o + i, gelu_tanh1(to_f32(g[i])));
-      store_f32(o + i, to_f32(o[i]) * to_f32(u[i]));
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) gelu_and_mul_row(x + r * ldx, x + r * ldx + n, n, out + r * n);
 }
 
 }  // namespace
 
 extern "C" {
 
-int tokenmill_kernels_abi_version() { return 6; }
+int tokenmill_kernels_abi_version() { return 7; }
 
 void decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           const int64_t* blocks, int64_t nb, const int64_t* first_pos, const int64_t* q_start,

@@ -209,67 +209,107 @@ inline void softmax_span(float* row, int64_t L, int64_t a, int64_t e) {
   for (int64_t i = e; i < L; ++i) row[i] = 0.f;
 }
 
+// Scratch one thread reuses across attend_item calls.
+struct AttendScratch {
+  std::vector<float> scores, qbuf, acc;
+};
+
+// One work item of decode_attention (q rows ldq floats apart, out rows Hq * D): sequence b, the gn query heads
+// g0 .. g0 + gn - 1 of kv head h's group (G heads), for all the sequence's queries. Each head's arithmetic is
+// the same whichever heads share the item.
+template <typename T>
+void attend_item(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks, int64_t nb,
+                 const int64_t* first_pos, const int64_t* q_start, const int64_t* lo, const int64_t* ctx, int64_t b,
+                 int64_t h, int64_t g0, int64_t gn, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                 float* out, AttendScratch& sc, int64_t ldq) {
+  const int64_t token_stride = Hkv * D;  // floats between consecutive slots of one block
+  const int64_t block_stride = bs * token_stride;
+  const int64_t head0 = h * (Hq / Hkv) + g0;  // first query head of the item
+  const int64_t r0 = q_start != nullptr ? q_start[b] : b;
+  const int64_t n = q_start != nullptr ? q_start[b + 1] - r0 : 1;
+  if (n <= 0) return;
+  // The key range of all n queries: each K/V row is read from memory once for every query of the sequence.
+  int64_t p0 = lo[r0], p1 = ctx[r0];
+  for (int64_t j = 1; j < n; ++j) {
+    p0 = lo[r0 + j] < p0 ? lo[r0 + j] : p0;
+    p1 = ctx[r0 + j] > p1 ? ctx[r0 + j] : p1;
+  }
+  const int64_t L = p1 - p0, R = n * gn;  // R query vectors: row j * gn + g is query j, head head0 + g
+  if (L <= 0) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < gn * D; ++i) out[((r0 + j) * Hq + head0) * D + i] = 0.f;
+    return;
+  }
+  const float* qb = q + r0 * ldq + head0 * D;
+  if (n > 1) {  // gather the item's heads of every query into one [R, D] block
+    sc.qbuf.resize(R * D);
+    for (int64_t j = 0; j < n; ++j)
+      std::memcpy(sc.qbuf.data() + j * gn * D, q + (r0 + j) * ldq + head0 * D, gn * D * sizeof(float));
+    qb = sc.qbuf.data();
+  }
+  sc.acc.resize(R * D);
+  sc.scores.resize(R * L);
+  float* scores = sc.scores.data();
+  const int64_t* table = blocks + b * nb;
+  if (n == 1) {
+    for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
+                  [&](int64_t i, const T* k) { score_all_heads(scores, L, gn, i, qb, k, D, scale); });
+    for (int64_t g = 0; g < gn; ++g) softmax_inplace(scores + g * L, L);
+  } else {
+    for_each_run(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
+                 [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
+                   score_run(scores, L, R, i, qb, rows, token_stride, cnt, D, scale, next);
+                 });
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < gn; ++g)
+        softmax_span(scores + (j * gn + g) * L, L, lo[r0 + j] - p0, ctx[r0 + j] - p0);
+  }
+  float* acc = sc.acc.data();
+  for (int64_t i = 0; i < R * D; ++i) acc[i] = 0.f;
+  for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
+               [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
+                 accumulate_heads(acc, scores, L, R, i, rows, token_stride, cnt, D, next);
+               });
+  for (int64_t j = 0; j < n; ++j)
+    std::memcpy(out + ((r0 + j) * Hq + head0) * D, acc + j * gn * D, gn * D * sizeof(float));
+}
+
+// How many parts to split each kv head's group of G query heads into, so that B * Hkv items keep `threads` busy
+// (one sequence of a model with one kv head was one item: one thread attended while the others waited).
+inline int64_t head_split(int64_t B, int64_t Hkv, int64_t G, int threads) {
+  const int64_t items = B * Hkv;
+  if (items >= threads) return 1;
+  const int64_t want = (threads + items - 1) / items;
+  return want < G ? want : G;
+}
+
+// Calls attend_item for work item `item` of B * Hkv * split (split from head_split).
+template <typename T>
+inline void attend_split_item(int64_t item, int64_t split, const float* q, const T* k_cache, const T* v_cache,
+                              const int64_t* blocks, int64_t nb, const int64_t* first_pos, const int64_t* q_start,
+                              const int64_t* lo, const int64_t* ctx, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                              float scale, float* out, AttendScratch& sc, int64_t ldq) {
+  const int64_t G = Hq / Hkv, per = (G + split - 1) / split;
+  const int64_t part = item % split, bh = item / split, g0 = part * per;
+  const int64_t gn = g0 + per < G ? per : G - g0;
+  if (gn > 0)
+    attend_item(q, k_cache, v_cache, blocks, nb, first_pos, q_start, lo, ctx, bh / Hkv, bh % Hkv, g0, gn, Hq, Hkv,
+                D, bs, scale, out, sc, ldq);
+}
+
 template <typename T>
 void decode_attention(const float* q, const T* k_cache, const T* v_cache, const int64_t* blocks,
                       int64_t nb, const int64_t* first_pos, const int64_t* q_start, const int64_t* lo,
                       const int64_t* ctx, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale,
                       float* out, int num_threads) {
-  const int64_t G = Hq / Hkv;
-  const int64_t token_stride = Hkv * D;  // floats between consecutive slots of one block
-  const int64_t block_stride = bs * token_stride;
+  const int64_t split = head_split(B, Hkv, Hq / Hkv, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> scores, qbuf;
-    std::vector<float> acc(G * D);
+    AttendScratch sc;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * Hkv; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv;
-      const int64_t r0 = q_start != nullptr ? q_start[b] : b;
-      const int64_t n = q_start != nullptr ? q_start[b + 1] - r0 : 1;
-      if (n <= 0) continue;
-      // The key range of all n queries: each K/V row is read from memory once for every query of the sequence.
-      int64_t p0 = lo[r0], p1 = ctx[r0];
-      for (int64_t j = 1; j < n; ++j) {
-        p0 = lo[r0 + j] < p0 ? lo[r0 + j] : p0;
-        p1 = ctx[r0 + j] > p1 ? ctx[r0 + j] : p1;
-      }
-      const int64_t L = p1 - p0, R = n * G;  // R query vectors: row j * G + g is query j, head h * G + g
-      if (L <= 0) {
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t i = 0; i < G * D; ++i) out[((r0 + j) * Hq + h * G) * D + i] = 0.f;
-        continue;
-      }
-      const float* qb = q + (r0 * Hq + h * G) * D;
-      if (n > 1) {  // gather the group's heads of every query into one [R, D] block
-        qbuf.resize(R * D);
-        for (int64_t j = 0; j < n; ++j)
-          std::memcpy(qbuf.data() + j * G * D, q + ((r0 + j) * Hq + h * G) * D, G * D * sizeof(float));
-        qb = qbuf.data();
-        acc.resize(R * D);
-      }
-      scores.resize(R * L);
-      const int64_t* table = blocks + b * nb;
-      if (n == 1) {
-        for_each_slot(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D, D,
-                      [&](int64_t i, const T* k) { score_all_heads(scores.data(), L, G, i, qb, k, D, scale); });
-        for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * L, L);
-      } else {
-        for_each_run(k_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
-                     [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
-                       score_run(scores.data(), L, R, i, qb, rows, token_stride, cnt, D, scale, next);
-                     });
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < G; ++g)
-            softmax_span(scores.data() + (j * G + g) * L, L, lo[r0 + j] - p0, ctx[r0 + j] - p0);
-      }
-      for (int64_t i = 0; i < R * D; ++i) acc[i] = 0.f;
-      for_each_run(v_cache, table, first_pos[b], p0, p1, bs, block_stride, token_stride, h * D,
-                   [&](int64_t i, const T* rows, int64_t cnt, const T* next) {
-                     accumulate_heads(acc.data(), scores.data(), L, R, i, rows, token_stride, cnt, D, next);
-                   });
-      for (int64_t j = 0; j < n; ++j)
-        std::memcpy(out + ((r0 + j) * Hq + h * G) * D, acc.data() + j * G * D, G * D * sizeof(float));
-    }
+    for (int64_t item = 0; item < B * Hkv * split; ++item)
+      attend_split_item(item, split, q, k_cache, v_cache, blocks, nb, first_pos, q_start, lo, ctx, Hq, Hkv, D, bs,
+                        scale, out, sc, Hq * D);
   }
 }
 }  // namespace

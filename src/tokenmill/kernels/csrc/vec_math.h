@@ -149,4 +149,37 @@ inline void rms_norm_row(const T* xr, const float* w, int64_t n, float eps, int 
   }
 }
 
+// gelu_and_mul_row: o[i] = gelu_tanh(g[i]) * u[i] over n elements, in float32; for bf16 the gelu is rounded to
+// bf16 before the product, as torch's two bf16 ops do.
+template <typename T>
+inline void gelu_and_mul_row(const T* g, const T* u, int64_t n, T* o) {
+  constexpr int kParts = kW / 8;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const vw gv = loadw(g + i);
+    v8f parts[kParts];
+    std::memcpy(parts, &gv, sizeof(gv));
+    for (int j = 0; j < kParts; ++j) parts[j] = gelu_tanh8(parts[j]);
+    vw act;
+    std::memcpy(&act, parts, sizeof(act));
+    storew(o + i, act);  // rounds to T (a no-op for float32) ...
+    storew(o + i, loadw(o + i) * loadw(u + i));  // ... before the product, like torch
+  }
+  for (; i < n; ++i) {
+    tokenmill::store_f32(o + i, gelu_tanh1(tokenmill::to_f32(g[i])));
+    tokenmill::store_f32(o + i, tokenmill::to_f32(o[i]) * tokenmill::to_f32(u[i]));
+  }
+}
+
+// silu_and_mul_row (float32): o[i] = g[i] / (1 + exp(-g[i])) * u[i] (exp8: within about an ulp of torch's silu,
+// not bit-identical to it).
+inline void silu_and_mul_row(const float* g, const float* u, int64_t n, float* o) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f x = load8(g + i);
+    store8(o + i, x / (splat(1.f) + exp8(-x)) * load8(u + i));
+  }
+  for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 }  // namespace
