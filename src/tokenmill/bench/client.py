@@ -76,50 +76,67 @@ def _chunk_text(choice: dict) -> str:
 
 async def send_request(client: httpx.AsyncClient, url: str, payload: dict, prompt_len: int,
                        headers: dict[str, str] | None = None) -> RequestResult:
-    """Stream one request; never raises (a failure is a result with `success=False` and an error)."""
+    """Stream one request; never raises (a failure is a result with `success=False` and an error).
+
+    A kept-alive connection that the server closed before answering (llama-server's HTTP library closes each
+    connection after 5 requests; the next request on it gets no response at all) is retried once on a fresh
+    connection, timed from the first attempt, as HTTP clients do for a request the server never read."""
     result = RequestResult(prompt_len=prompt_len)
-    start = time.perf_counter()
-    result.start_time = start
-    last = start
+    result.start_time = time.perf_counter()
+    for attempt in range(2):
+        progress: list[bool] = []  # non-empty once a response started
+        try:
+            await _stream(client, url, payload, headers, result, progress)
+            return result
+        except httpx.RemoteProtocolError as exc:
+            if progress or attempt:
+                result.error = f"{type(exc).__name__}: {exc}"
+                return result
+        except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            return result
+    return result
+
+
+async def _stream(client: httpx.AsyncClient, url: str, payload: dict, headers: dict[str, str] | None,
+                  result: RequestResult, progress: list[bool]) -> None:
+    start = last = result.start_time
     got_token = False
     text_parts: list[str] = []
-    try:
-        async with client.stream("POST", url, json=payload, headers=headers) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {response.status_code}: {body[:300]}"
-                return result
-            decoder = SSEDecoder()
-            async for text in response.aiter_text():
-                for data in decoder.feed(text):
-                    if data == "[DONE]":
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        result.error = f"stream error: {json.dumps(event['error'])[:300]}"
-                        return result
-                    now = time.perf_counter()
-                    if choices := event.get("choices"):
-                        if not got_token:
-                            got_token = True
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        last = now
-                        result.num_chunks += 1
-                        text_parts.append(_chunk_text(choices[0]))
-                    if usage := event.get("usage"):
-                        result.output_tokens = int(usage.get("completion_tokens") or 0)
-                        if usage.get("prompt_tokens") is not None:
-                            result.prompt_len = int(usage["prompt_tokens"])
-        result.generated_text = "".join(text_parts)
-        result.latency = last - start
-        result.success = got_token
-        if not got_token:
-            result.error = "the stream carried no token (no event with 'choices')"
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
+    async with client.stream("POST", url, json=payload, headers=headers) as response:
+        progress.append(True)
+        if response.status_code != 200:
+            body = (await response.aread()).decode("utf-8", "replace")
+            result.error = f"HTTP {response.status_code}: {body[:300]}"
+            return
+        decoder = SSEDecoder()
+        async for text in response.aiter_text():
+            for data in decoder.feed(text):
+                if data == "[DONE]":
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = f"stream error: {json.dumps(event['error'])[:300]}"
+                    return
+                now = time.perf_counter()
+                if choices := event.get("choices"):
+                    if not got_token:
+                        got_token = True
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    result.num_chunks += 1
+                    text_parts.append(_chunk_text(choices[0]))
+                if usage := event.get("usage"):
+                    result.output_tokens = int(usage.get("completion_tokens") or 0)
+                    if usage.get("prompt_tokens") is not None:
+                        result.prompt_len = int(usage["prompt_tokens"])
+    result.generated_text = "".join(text_parts)
+    result.latency = last - start
+    result.success = got_token
+    if not got_token:
+        result.error = "the stream carried no token (no event with 'choices')"
 
 
 async def first_model(client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None = None) -> str:
