@@ -2,7 +2,8 @@
 layer: Gemma 3 (gelu, sandwich norms, q/k norms, sliding and global layers with their own RoPE tables) bit for
 bit, also with a bf16 KV cache; Llama and Qwen3 (silu, computed by torch in the layer path) within float32
 rounding. Several sequences decode in one step; sliding windows are passed; the fused path is checked to run,
-and to stay off where it must (dense weights, LoRA, verification steps)."""
+and to stay off where it must (dense weights, LoRA, prefill chunks); verification steps of speculative
+decoding run fused too."""
 
 from __future__ import annotations
 
@@ -95,12 +96,14 @@ def test_silu_models_match_within_rounding(models, arch, quantization):
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
 
 
-def test_one_decode_step_hidden_states(models):
-    """One step of three decodes straight through the model: fused == layer by layer, every element (gelu)."""
+@pytest.mark.parametrize("tokens", [[[40], [41], [42]], [[40], [41, 42, 43], [44]]], ids=["decodes", "verifying"])
+def test_one_decode_step_hidden_states(models, tokens):
+    """One step straight through the model: three decodes, or a sequence verifying 2 drafts among two decodes
+    (1 + 2 queries over its K/V): fused == layer by layer, every element (gelu)."""
     llm = _llm(models["gemma3"], "q8_0")
     runner = llm.runner
     decoder = runner.model.model
-    ids, pos, ctx, _ = runner._prepare(_decode_batch(runner, [[40], [41], [42]]))
+    ids, pos, ctx, _ = runner._prepare(_decode_batch(runner, tokens))
     with torch.inference_mode():
         x = decoder.embed_tokens(ids) * torch.tensor(decoder.embed_scale)
         fused = decoder.fused_layers(x, pos, ctx)
@@ -126,11 +129,14 @@ def _decode_batch(runner, tokens: list[list[int]]):
     return seqs
 
 
-def test_stays_off_for_dense_weights_lora_and_verification_steps(models, tmp_path):
+def test_stays_off_for_dense_weights_lora_and_prefill(models):
     assert _fused(_llm(models["gemma3"], None)) is None  # dense weights: the panel / PyTorch layers
     llm = _llm(models["gemma3"], "q8_0")
-    # a verifying sequence (1 + 2 drafts) among plain decodes: layer by layer
-    ids, pos, ctx, _ = llm.runner._prepare(_decode_batch(llm.runner, [[40], [41, 42, 43], [44]]))
+    # a prompt's first chunk beside a decode: layer by layer
+    seqs = _decode_batch(llm.runner, [[40], [41]])
+    seqs[1] = ScheduledSeq(seq_id="p", token_ids=[7, 8, 9], start_pos=0, block_ids=[[50]] * len(seqs[0].block_ids),
+                           sample=True)
+    ids, pos, ctx, _ = llm.runner._prepare(seqs)
     with torch.inference_mode():
         decoder = llm.runner.model.model
         assert decoder.fused_layers(decoder.embed_tokens(ids), pos, ctx) is None

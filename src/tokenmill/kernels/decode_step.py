@@ -31,8 +31,8 @@ class StepLayer(ctypes.Structure):
 
 
 class StepGroup(ctypes.Structure):
-    _fields_ = [("slots", _p), ("blocks", _p), ("nb", _i64), ("first_pos", _p), ("lo", _p), ("ctx", _p),
-                ("num_slots", _i64)]
+    _fields_ = [("slots", _p), ("blocks", _p), ("nb", _i64), ("first_pos", _p), ("q_start", _p), ("lo", _p),
+                ("ctx", _p), ("B", _i64), ("num_slots", _i64)]
 
 
 class StepShape(ctypes.Structure):

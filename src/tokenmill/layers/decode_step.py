@@ -2,10 +2,11 @@
 
 A decode step of a small quantized model is ~10 native calls per layer, and on 2 cores each call's Python
 dispatch, checks and thread start-up cost about as much as its arithmetic. `FusedDecodeLayers` describes the
-layers once and runs the whole stack in one call for the steps it covers; every other step (prefill chunks,
-speculative verification, more rows than the int8 product takes, LoRA, dense or bf16 weights) returns None and
-runs layer by layer. It covers decoders built from the shared pieces (model/llama.py's DecoderLayer: Llama,
-Mistral, Qwen2 without biases, Qwen3; model/gemma3.py's sandwich-norm layer) whose linears all hold GGUF blocks.
+layers once and runs the whole stack in one call for the steps it covers: decodes, also verifying speculative
+drafts (1 + k queries per sequence), up to INT8_MAX_ROWS rows in all. Every other step (prefill chunks, more rows,
+LoRA, dense or bf16 weights) returns None and runs layer by layer. It covers decoders built from the shared
+pieces (model/llama.py's DecoderLayer: Llama, Mistral, Qwen2 without biases, Qwen3; model/gemma3.py's
+sandwich-norm layer) whose linears all hold GGUF blocks.
 The result equals the layer-by-layer path bit for bit (gelu models) or within float32 rounding (silu, which the
 layer path computes with torch): tests/model/test_decode_step.py.
 """
@@ -120,11 +121,13 @@ class FusedDecodeLayers:
         groups = (StepGroup * len(ctx.attn_metadata))()
         for gi, meta in enumerate(ctx.attn_metadata):
             plan = meta.plan(torch.float32)
-            if not plan.decode_is_all or plan.decode_q_start is not None or meta.slot_mapping.numel() != t:
+            if not plan.decode_is_all or meta.slot_mapping.numel() != t:
                 return None
+            q_start = plan.decode_q_start  # several queries per sequence (speculative verification), or None
             groups[gi] = StepGroup(meta.slot_mapping.data_ptr(), plan.decode_blocks.data_ptr(),
                                    plan.decode_blocks.shape[1], plan.decode_first_pos.data_ptr(),
-                                   plan.decode_lo.data_ptr(), plan.decode_ctx.data_ptr(), num_slots[gi])
+                                   None if q_start is None else q_start.data_ptr(), plan.decode_lo.data_ptr(),
+                                   plan.decode_ctx.data_ptr(), plan.decode_blocks.shape[0], num_slots[gi])
         shape = self._shape(t, ctx.attn_metadata[0].block_size)
         tables = [r.cos_sin(positions, torch.float32) for r in self.ropes]  # kept alive through the call
         for i, (cos, sin) in enumerate(tables):

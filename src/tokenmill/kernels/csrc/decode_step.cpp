@@ -4,7 +4,7 @@
 // down): on a small model each call's dispatch, checks and thread start cost about as much as its arithmetic.
 // Here the threads stay in one region and meet at a barrier between the stages of each layer.
 //
-// Per layer, on T rows x [T, n] (one query per sequence, T <= 16), in place:
+// Per layer, on T rows x [T, n] (T <= 16: one query per sequence, or 1 + k when k drafts are verified), in place:
 //   h = rms_norm(x; w_in)                                   (quantized to 8 bits once for q/k/v)
 //   qkv = h @ Wqkv.T; q, k normed per head (w_q / w_k, optional), RoPE with the layer's cos / ssin table
 //   K/V written at the layer group's slots; attention over the group's blocks (decode_attention.h)
@@ -48,8 +48,8 @@ struct StepLayer {
 struct StepGroup {  // one KV cache group's decode metadata (kernels/metadata.py FastPlan)
   const int64_t *slots, *blocks;
   int64_t nb;
-  const int64_t *first_pos, *lo, *ctx;
-  int64_t num_slots;
+  const int64_t *first_pos, *q_start, *lo, *ctx;  // q_start [B + 1] or null (one row per sequence)
+  int64_t B, num_slots;
 };
 
 struct StepShape {
@@ -95,7 +95,6 @@ int run_step(const StepShape& s, const StepLayer* layers, int64_t nlayers, const
       if (g.slots[t] < 0 || g.slots[t] >= g.num_slots) return -2;
   }
   const int64_t T = s.T, n = s.n, D = s.d, hq = s.hq, hkv = s.hkv, qkv_w = (hq + 2 * hkv) * D;
-  const int64_t split = head_split(T, hkv, hq / hkv, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
     AttendScratch sc;
@@ -123,10 +122,11 @@ int run_step(const StepShape& s, const StepLayer* layers, int64_t nlayers, const
         write_kv_rows(row + hq * D, row + (hq + hkv) * D, 1, qkv_w, qkv_w, hkv * D, g.slots + r, g.num_slots,
                       static_cast<C*>(L.k_cache), static_cast<C*>(L.v_cache));
       }
+      const int64_t split = head_split(g.B, hkv, hq / hkv, num_threads);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < T * hkv * split; ++item)
+      for (int64_t item = 0; item < g.B * hkv * split; ++item)
         attend_split_item(item, split, s.qkv, static_cast<const C*>(L.k_cache), static_cast<const C*>(L.v_cache),
-                          g.blocks, g.nb, g.first_pos, nullptr, g.lo, g.ctx, hq, hkv, D, s.bs, L.scale, s.attn, sc,
+                          g.blocks, g.nb, g.first_pos, g.q_start, g.lo, g.ctx, hq, hkv, D, s.bs, L.scale, s.attn, sc,
                           qkv_w);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < T; ++r) quantize_row(s, r, s.attn + r * hq * D, hq * D);
