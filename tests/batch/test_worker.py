@@ -167,7 +167,9 @@ async def _poll(pred, max_polls: int = 6000) -> bool:
 def test_batch_keeps_to_the_shared_cap_while_interactive_requests_are_in_flight(tiny_llama_dir, tmp_path):
     async def body(state, store, worker):
         interactive = Reservation(state, 3)  # what admit() holds for three interactive sequences
-        b = store.create_batch(EP, _upload(store, _lines(40, max_tokens=24, ignore_eos=True)), 3600, "24h", None)
+        # Enough work that the batch outlasts the 1 s interactive hold at 2 lines in flight (40 x 24 tokens no longer
+        # did once decode steps got faster: the batch finished before the worker ramped up).
+        b = store.create_batch(EP, _upload(store, _lines(60, max_tokens=64, ignore_eos=True)), 3600, "24h", None)
         worker.wake()
         seen: list[tuple[int, int]] = []  # (lines in the worker, batch seqs admitted in the server)
 
@@ -180,7 +182,7 @@ def test_batch_keeps_to_the_shared_cap_while_interactive_requests_are_in_flight(
         assert await _poll(lambda: worker.num_inflight_lines == 8)
         assert worker.interactive_seqs() <= 0  # (negative for a moment while a line is not yet admitted)
         done = await _until(store, b["id"], lambda x: x["status"] in _TERMINAL)
-        assert done["status"] == "completed" and done["request_counts"]["completed"] == 40
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == 60
     _run(tiny_llama_dir, tmp_path, body, max_inflight=8, max_inflight_shared=2)
 
 
