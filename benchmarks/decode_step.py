@@ -73,7 +73,7 @@ def main() -> None:
             "layers/fused": {k: round(summary["layers"][k] / summary["fused"][k], 3) for k in ("forward", "step")},
             "identical_outputs": outputs["fused"] == outputs["layers"],
         }
-    print(json.dumps({"benchmark": "decode_step", "model": args.model, "threads": torch.get_num_threads(),
+    print(json.dumps({"benchmark": "decode_step", "model": str(args.model), "threads": torch.get_num_threads(),
                       "input_len": args.input_len, "output_len": args.output_len, "results": results}, indent=1))
 
 
