@@ -140,5 +140,10 @@ def test_stays_off_for_dense_weights_lora_and_prefill(models):
     with torch.inference_mode():
         decoder = llm.runner.model.model
         assert decoder.fused_layers(decoder.embed_tokens(ids), pos, ctx) is None
+        # caches of another dtype than the kernel reads: off, on every call (the verdict is remembered)
+        ids, pos, ctx, _ = llm.runner._prepare(_decode_batch(llm.runner, [[40], [41]]))
+        ctx.kv_caches = [(k.half(), v.half()) for k, v in ctx.kv_caches]
+        x = decoder.embed_tokens(ids)
+        assert decoder.fused_layers(x, pos, ctx) is None and decoder.fused_layers(x, pos, ctx) is None
     lora = _llm(models["gemma3"], "q8_0", enable_lora=True, max_lora_rank=8)
     assert _fused(lora) is None  # adapters wrap the projections

@@ -139,7 +139,7 @@ class FusedDecodeLayers:
     def _layer_array(self, ctx: ForwardContext) -> tuple | None:
         got = self._layers
         if got is not None and got[0] is ctx.kv_caches and got[1] == ctx.layer_to_group:
-            return got
+            return got if got[2] is not None else None
         caches = ctx.kv_caches
         dtypes = {c.dtype for kv in caches for c in kv}
         if len(caches) != len(self.weights) or len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16) \
