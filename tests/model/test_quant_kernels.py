@@ -69,8 +69,8 @@ def _int8(cpu_kernels, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
-    """1-17 rows: up to 4 share each weight block in registers, more run 4 at a time over a buffered weight
-    row (remainders 1-3). n = 37 splits unevenly over threads; k = 768 gives the K-quants an odd block count
+    """1-17 rows: up to 4 (32-weight types: 8) share each weight block in registers, more run 4 at a time over a
+    buffered weight row (remainders 1-3). n = 37 splits unevenly over threads; k = 768 gives the K-quants an odd block count
     (the last block's accumulator set), k = 544 the 32-weight types."""
     k = 544 if qtype.endswith("_0") else 768
     w = _weight(qtype, 37, k, seed=threads)
@@ -89,14 +89,14 @@ def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
 def test_int8_row_result_does_not_depend_on_row_count(cpu_kernels, qtype):
-    """Bit for bit: a row computed alone, with 3 others (weights in registers) or with 16 others (buffered
-    weight rows, groups of 4) gives the same float32 output, so verifying speculative drafts in one step
+    """Bit for bit: a row computed alone, with 3 or (32-weight types) 7 others (weights in registers) or with 16
+    others (buffered weight rows, groups of 4) gives the same float32 output, so verifying speculative drafts in one step
     reproduces plain decode's logits exactly."""
     k = 544 if qtype.endswith("_0") else 768  # odd block counts: the last block's accumulator set
     w = _weight(qtype, 29, k, seed=7)
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(7)) * torch.logspace(-2, 2, 17).unsqueeze(1)
     together = _int8(cpu_kernels, x, w)
-    for rows in (1, 4, 5, 9):
+    for rows in (1, 4, 5, 8, 9):
         part = _int8(cpu_kernels, x[-rows:].contiguous(), w)
         assert torch.equal(part, together[-rows:]), f"{rows} rows"
 
