@@ -7,10 +7,15 @@ import math
 import pytest
 import torch
 
+from tokenmill.kernels.cpu_kernels import load_cpu_kernels
 from tokenmill.layers.sampler import Sampler, SeqSamplingState
 from tokenmill.sampling_params import SamplingParams
 
 V = 50
+KERNELS = load_cpu_kernels()
+# The random draw by torch ops, and by the native kernel (sample_rows) when it is built
+DRAWS = [pytest.param(None, id="torch"),
+         pytest.param(KERNELS, id="native", marks=pytest.mark.skipif(KERNELS is None, reason="no native kernels"))]
 
 
 def _state(seed: int | None = None, prompt=(1, 2), out=(), eos=(), **kw) -> SeqSamplingState:
@@ -22,8 +27,8 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def _sample(logits, states, gen=None):
-    return Sampler(V, torch.device("cpu"))(logits.clone(), states, gen or torch.Generator().manual_seed(123))
+def _sample(logits, states, gen=None, kernels=None):
+    return Sampler(V, torch.device("cpu"), kernels)(logits.clone(), states, gen or torch.Generator().manual_seed(123))
 
 
 def test_greedy_is_argmax_and_logprobs_are_raw_log_softmax():
@@ -110,19 +115,21 @@ def test_logit_bias_and_min_tokens():
     assert r.token_id not in (2, 11)
 
 
-def test_temperature_sampling_follows_the_distribution():
+@pytest.mark.parametrize("kernels", DRAWS)
+def test_temperature_sampling_follows_the_distribution(kernels):
     logits = torch.full((1, V), -math.inf)
     logits[0, :2] = torch.tensor([math.log(0.8), math.log(0.2)])
-    draws = [_sample(logits, [_state(seed=s, temperature=1.0)])[0].token_id for s in range(200)]
+    draws = [_sample(logits, [_state(seed=s, temperature=1.0)], kernels=kernels)[0].token_id for s in range(200)]
     assert 0.65 < draws.count(0) / 200 < 0.93
     # unseeded rows use the runner's generator: reproducible given it
     unseeded = [_state(temperature=1.0) for _ in range(8)]
-    a = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5))]
-    b = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5))]
+    a = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5), kernels)]
+    b = [r.token_id for r in _sample(_logits(8), unseeded, torch.Generator().manual_seed(5), kernels)]
     assert a == b
 
 
-def test_sampling_over_a_large_vocabulary_keeps_support_and_frequencies():
+@pytest.mark.parametrize("kernels", DRAWS)
+def test_sampling_over_a_large_vocabulary_keeps_support_and_frequencies(kernels):
     """Inverse-CDF sampling over 262k entries: mass at the very end of the vocabulary (after a long run of
     zero-probability entries) is found with the right frequencies, and masked entries are never chosen."""
     big = 262_144
@@ -130,7 +137,7 @@ def test_sampling_over_a_large_vocabulary_keeps_support_and_frequencies():
     logits[:, -2] = math.log(0.7)
     logits[:, -1] = math.log(0.3)
     logits[:, 0] = -math.inf  # the first entry stays masked (a u of 0 must not pick it)
-    sampler = Sampler(big, torch.device("cpu"))
+    sampler = Sampler(big, torch.device("cpu"), kernels)
     gen = torch.Generator().manual_seed(7)
     picks = []
     for _ in range(100):
@@ -144,3 +151,27 @@ def test_sampling_over_a_large_vocabulary_keeps_support_and_frequencies():
     p_top = torch.softmax(spread, -1)[0, 12345].item()
     draws = [sampler(spread.clone(), [_state(seed=s, temperature=1.0)], gen)[0].token_id for s in range(300)]
     assert abs(draws.count(12345) / 300 - p_top) < 0.1
+
+
+@pytest.mark.skipif(KERNELS is None, reason="no native kernels")
+def test_native_draw_is_the_torch_draw_for_the_same_uniforms():
+    """The same uniform gives the same token by both paths, but where float rounding of the running sums puts
+    u * total on the other side of a step (measured: none of 2,000 here); masked entries never come out; u = 0
+    takes the first entry of positive weight; a row of only -inf gives the last index (then the fallback)."""
+    g = torch.Generator().manual_seed(3)
+    rows, big = 40, 3000
+    x = torch.randn(rows, big, generator=g) * 4
+    x[torch.rand(rows, big, generator=g) < 0.3] = -math.inf
+    agree = 0
+    for _ in range(50):
+        u = torch.rand(rows, generator=g)
+        got = KERNELS.sample_rows(x, u)
+        xs = x.clone()
+        cdf = xs.sub_(xs.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+        want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        agree += int((got == want).sum())
+        assert torch.isfinite(x.gather(1, got[:, None])).all()
+    assert agree >= 0.995 * 50 * rows
+    edge = torch.full((2, 600), -math.inf)
+    edge[0, 7], edge[0, 599] = 0.0, 1.0
+    assert KERNELS.sample_rows(edge, torch.tensor([0.0, 0.5])).tolist() == [7, 599]

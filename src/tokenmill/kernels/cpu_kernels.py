@@ -43,7 +43,7 @@ _HEADERS = [Path(__file__).with_name("csrc") / name for name in (
     "wide_vector.h", "vec_math.h", "decode_attention.h", "decode_ops.h", "panel_kernel.h", "quant_blocks.h", "quant_dot.h",
     "quant_int8.h")]  # build key only
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class CpuKernels:
                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _f32p, ctypes.c_int]
         self._decode = {torch.float32: _fn(lib.decode_attention_f32, decode_args),
                         torch.bfloat16: _fn(lib.decode_attention_bf16, decode_args)}
+        self._sample = _fn(lib.sample_rows_f32, [_f32p, _i64, _i64, _i64, _f32p, _i64p, ctypes.c_int])
         self._argmax = lib.argmax_rows_f32
         self._argmax.restype = None
         self._argmax.argtypes = [_f32p, _i64, _i64, _i64, _i64p, ctypes.c_int]
@@ -191,6 +192,20 @@ class CpuKernels:
             raise ValueError("argmax_rows: x must be a non-empty 2-D CPU float32 tensor with contiguous rows")
         out = torch.empty(x.shape[0], dtype=torch.int64)
         self._argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def sample_rows(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits x (2-D float32 CPU, contiguous rows) by inverse CDF with the uniforms u
+        (float32 [rows] in [0, 1)): the first index whose running sum of exp(x - max) exceeds u * the row's sum
+        (layers/sampler.py's torch path, without its [rows, vocab] exp and cumsum passes). -inf entries are never
+        drawn; a row of only -inf gives the last index."""
+        if x.dim() != 2 or x.dtype != torch.float32 or not x.is_cpu or x.stride(1) != 1 or x.shape[1] == 0:
+            raise ValueError("sample_rows: x must be a non-empty 2-D CPU float32 tensor with contiguous rows")
+        if u.dtype != torch.float32 or not u.is_cpu or not u.is_contiguous() or u.numel() != x.shape[0]:
+            raise ValueError(f"sample_rows: u must be a contiguous CPU float32 tensor of {x.shape[0]} uniforms")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._sample(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), u.data_ptr(), out.data_ptr(),
+                     torch.get_num_threads())
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -193,23 +193,32 @@ class Sampler:
         # draw per vocabulary entry: with 262k-entry vocabularies that dominated the step on CPU. Everything
         # runs in place on x (logits or a row copy the caller no longer reads): fresh 67 MB temporaries cost
         # more in page faults than the arithmetic. The cdf is unnormalised: u is scaled by its total.
+        u = self._uniforms(states, generator, dev, x.dtype)
+        if self.cpu_kernels is not None and x.is_cpu and x.dtype is torch.float32 and x.stride(-1) == 1:
+            return self.cpu_kernels.sample_rows(x, u)  # the same draw without the full exp / cumsum passes
         amax = x.amax(dim=-1, keepdim=True)
         # An all -inf row would turn into NaN (-inf - -inf); as zeros it samples past the end, clamped below
         # (the caller replaces that token with the row's fallback).
         cdf = x.sub_(amax.masked_fill_(torch.isneginf(amax), 0.0)).exp_().cumsum_(dim=-1)
-        u = torch.empty(len(states), device=dev, dtype=cdf.dtype)
-        unseeded = [i for i, s in enumerate(states) if s.generator is None]
-        for i, s in enumerate(states):
-            if s.generator is not None:
-                u[i] = torch.rand((), generator=s.generator, device=dev, dtype=cdf.dtype)
-        if unseeded:
-            u[torch.tensor(unseeded, device=dev)] = torch.rand(len(unseeded), generator=generator, device=dev,
-                                                               dtype=cdf.dtype)
         total = cdf[:, -1]
         # First index whose cdf exceeds u * total: never a zero-probability token (its cdf equals its
         # predecessor's); the bound below total keeps float rounding from running past the last token.
         target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+    @staticmethod
+    def _uniforms(states: list[SeqSamplingState], generator: torch.Generator | None, dev: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """One uniform per row: a seeded row draws from its own generator (its token does not depend on batch mates)."""
+        u = torch.empty(len(states), device=dev, dtype=dtype)
+        unseeded = [i for i, s in enumerate(states) if s.generator is None]
+        for i, s in enumerate(states):
+            if s.generator is not None:
+                u[i] = torch.rand((), generator=s.generator, device=dev, dtype=dtype)
+        if unseeded:
+            u[torch.tensor(unseeded, device=dev)] = torch.rand(len(unseeded), generator=generator, device=dev,
+                                                               dtype=dtype)
+        return u
 
 
 def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
