@@ -176,7 +176,8 @@ class Sampler:
     def _sample_random(self, x: torch.Tensor, states: list[SeqSamplingState], generator: torch.Generator | None) -> torch.Tensor:
         dev = x.device
         p_list = [s.params for s in states]
-        x = x.div_(torch.tensor([p.temperature for p in p_list], device=dev, dtype=x.dtype)[:, None])  # x: ours to modify
+        if any(p.temperature != 1.0 for p in p_list):  # (x / 1.0 is x: a pass over [rows, vocab] saved)
+            x = x.div_(torch.tensor([p.temperature for p in p_list], device=dev, dtype=x.dtype)[:, None])  # ours to modify
         if any(p.min_p > 0 for p in p_list):
             probs = torch.softmax(x, dim=-1)
             min_p = torch.tensor([p.min_p for p in p_list], device=dev, dtype=x.dtype)[:, None]

@@ -106,11 +106,12 @@ void int8_rows(const Acts& a, const uint8_t* w, int64_t row_bytes, int64_t n0, i
   if (n_pairs < n1) int8_cols<T, R, 1>(a, w, row_bytes, n_pairs, n1, c, ldc);
 }
 
-// R <= 4 activation rows (32-weight types: R <= 8) against the whole part, each weight block unpacked once (into
-// registers or g). 5-8 rows of a 32-weight type keep one accumulator set in registers per pass (see int8_cols): at 8
-// rows that measured faster than the buffered path below (the LM head of a batch of 8 decodes).
+// R <= 4 activation rows against the whole part, each weight block unpacked once (into registers or g); up to 8
+// for the 32-weight types and Q6_K, whose blocks keep no minimums: one accumulator set per pass (see int8_cols), the
+// same per-row arithmetic. At 8 rows that measured faster than the buffered path below (the LM head of a batch of
+// 8 decodes 1.24x, Q6_K 1.06x); Q4_K / Q5_K would sum their minimums in another order, so they stay at 4.
 template <int T>
-constexpr int kMaxRegisterRows = Format<T>::G == 32 ? 8 : 4;
+constexpr int kMaxRegisterRows = Format<T>::G == 32 || T == kQ6_K ? 8 : 4;
 
 template <int T>
 void int8_group(const Acts& a, int64_t R, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* c,
