@@ -99,9 +99,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2  # ngram: shortest suffix worth a match
     model: str | None = None  # draft_model: HF folder or .gguf
     # No proposals in a step that decodes more than this many sequences: extra draft rows cost more than they
-    # save at larger batches (benchmarks/spec_decode.py --sweep: 2.09x at 1 sequence, 1.14x at 4, 1.10x at 8 on
-    # the default model). None: speculate at every batch size.
-    disable_by_batch_size: int | None = 4
+    # save at larger batches (benchmarks/spec_decode.py --sweep on the default model, GGUF blocks, since the fused
+    # decode step: 1.49x at 1 sequence, 1.07x at 2, 0.90x at 4, 0.94x at 8). None: speculate at every batch size.
+    disable_by_batch_size: int | None = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from tests.fixtures.tiny_models import build_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.outputs import ScheduledSeq
 from tokenmill.engine.args import engine_config
-from tokenmill.kernels.cpu_kernels import load_cpu_kernels
+from tokenmill.kernels.cpu_features import host_cpu_features
+from tokenmill.kernels.cpu_kernels import load_cpu_kernels, variants_for
 
 pytestmark = pytest.mark.skipif(load_cpu_kernels() is None, reason="native kernels unavailable")
 
@@ -96,11 +97,18 @@ def test_silu_models_match_within_rounding(models, arch, quantization):
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
 
 
+VARIANTS = [v.name for v in variants_for(host_cpu_features())]  # every kernel variant this CPU runs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tokens", [[[40], [41], [42]], [[40], [41, 42, 43], [44]]], ids=["decodes", "verifying"])
-def test_one_decode_step_hidden_states(models, tokens):
+def test_one_decode_step_hidden_states(models, tokens, variant, monkeypatch):
     """One step straight through the model: three decodes, or a sequence verifying 2 drafts among two decodes
-    (1 + 2 queries over its K/V): fused == layer by layer, every element (gelu)."""
+    (1 + 2 queries over its K/V): fused == layer by layer, every element (gelu), in every kernel variant this
+    CPU runs (the narrower ones take the scalar int8 paths)."""
+    monkeypatch.setenv("TOKENMILL_CPU_KERNELS", variant)
     llm = _llm(models["gemma3"], "q8_0")
+    assert llm.runner.cpu_kernels.variant == variant
     runner = llm.runner
     decoder = runner.model.model
     ids, pos, ctx, _ = runner._prepare(_decode_batch(runner, tokens))
