@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import tokenmill  # noqa: E402
-from tokenmill import SamplingParams  # noqa: E402
+import tokenmill
+from tokenmill import SamplingParams
 
 
 def main() -> None:

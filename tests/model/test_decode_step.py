@@ -13,8 +13,8 @@ import torch
 from tests.fixtures.gemma import build_tiny_gemma3
 from tests.fixtures.tiny_models import build_tiny_model
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.outputs import ScheduledSeq
 from tokenmill.engine.args import engine_config
+from tokenmill.engine.outputs import ScheduledSeq
 from tokenmill.kernels.cpu_features import host_cpu_features
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels, variants_for
 

@@ -13,14 +13,18 @@ layer path computes with torch): tests/model/test_decode_step.py.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import torch
 from torch import nn
 
 from tokenmill.kernels.cpu_kernels import CpuKernels
-from tokenmill.kernels.decode_step import ACTIVATIONS, LayerWeights, StepGroup, StepShape
+from tokenmill.kernels.decode_step import (
+    ACTIVATIONS,
+    LayerWeights,
+    StepGroup,
+    StepShape,
+)
 from tokenmill.layers.activation import GeluTanhAndMul, SiluAndMul
 from tokenmill.layers.attention import ForwardContext
 from tokenmill.layers.quantized import INT8_MAX_ROWS, QuantizedLinear

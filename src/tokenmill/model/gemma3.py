@@ -25,7 +25,12 @@ from tokenmill.layers.linear import FusedLinear
 from tokenmill.layers.lm_head import LMHead
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.model.llama import GatedMLP, LlamaForCausalLM, layer_sliding_windows, run_layers
+from tokenmill.model.llama import (
+    GatedMLP,
+    LlamaForCausalLM,
+    layer_sliding_windows,
+    run_layers,
+)
 
 
 def gemma_rope_parameters(config: Any) -> tuple[dict, dict]:
