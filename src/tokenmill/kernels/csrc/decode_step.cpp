@@ -80,6 +80,16 @@ bool check_linear(const StepLinear& L) {
   return true;
 }
 
+// The residual add of one sublayer's output y on a row of x: x += rms_norm(y; w) (Gemma's norm of the output, into
+// z), or x += y when w is null.
+inline void add_sublayer(float* x, const float* y, const float* w, int64_t n, float eps, float* z) {
+  if (w != nullptr) {
+    rms_norm_row(y, w, n, eps, 0, z);
+    y = z;
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] + y[i];
+}
+
 inline void quantize_row(const StepShape& s, int64_t r, const float* x, int64_t k) {
   quantize_row_q8(x, k, s.q8 + r * k, s.qd + r * (k / 32), s.qs + r * (k / 32));
 }
@@ -136,12 +146,7 @@ int run_step(const StepShape& s, const StepLayer* layers, int64_t nlayers, const
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < T; ++r) {
         float* xr = x + r * n;
-        const float* o = s.o + r * n;
-        if (L.w_attn_out != nullptr) {
-          rms_norm_row(o, L.w_attn_out, n, s.eps, 0, z.data());
-          o = z.data();
-        }
-        for (int64_t i = 0; i < n; ++i) xr[i] = xr[i] + o[i];
+        add_sublayer(xr, s.o + r * n, L.w_attn_out, n, s.eps, z.data());
         rms_norm_row(xr, L.w_ffn_in, n, s.eps, 0, s.h + r * n);
         quantize_row(s, r, s.h + r * n, n);
       }
@@ -160,15 +165,7 @@ int run_step(const StepShape& s, const StepLayer* layers, int64_t nlayers, const
       linear_share(L.down, Acts{s.q8, s.qd, s.qs, s.inter}, T, s.o);
 #pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < T; ++r) {
-        float* xr = x + r * n;
-        const float* dn = s.o + r * n;
-        if (L.w_ffn_out != nullptr) {
-          rms_norm_row(dn, L.w_ffn_out, n, s.eps, 0, z.data());
-          dn = z.data();
-        }
-        for (int64_t i = 0; i < n; ++i) xr[i] = xr[i] + dn[i];
-      }
+      for (int64_t r = 0; r < T; ++r) add_sublayer(x + r * n, s.o + r * n, L.w_ffn_out, n, s.eps, z.data());
     }
   }
   return 0;

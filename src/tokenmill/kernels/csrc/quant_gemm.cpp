@@ -25,24 +25,8 @@
 // The block unpackers live in quant_blocks.h. Oracle: tokenmill/kernels/quant_reference.py
 // (tests/model/test_quant_kernels.py).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <type_traits>
-
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
-#include "panel_kernel.h"
-#include "quant_blocks.h"
-#include "quant_dot.h"
-#include "quant_int8.h"
+#include "quant_int8.h"  // the int8 product, and with it the intrinsics, OpenMP, the panel kernel and the
+                         // block unpackers this file also uses
 
 namespace {
 
