@@ -7,7 +7,9 @@ committed one (`git show HEAD:...`, or --old FILE) and the working tree's (or --
 them), at 1 and 2 threads and each row count: the median time of the int8 product, old and new repetitions
 interleaved (the machine is shared and noisy), and each one relative to its own 1-row time. `crossover`: the
 new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, for layers/quantized.py's
-INT8_MAX_ROWS. Prints JSON.
+INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8 (HEAD_INT8_MAX_ROWS). The
+`lm_head.x8` workload runs the new source over the interleaved LM head (the layout the model uses) against the old
+source over the plain one. Prints JSON.
 
     .venv/bin/python benchmarks/quant_rows.py [--reps 9] [--threads 1,2] [--rows 1,2,4,5,8,9,16]
         [--old FILE --old-headers DIR] [--new FILE [--new-headers DIR]] [--workloads lm_head,layer.o] [--cold]
@@ -51,6 +53,7 @@ WORKLOADS = {
     "layer.gate_up": ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"],
     "layer.down": ["blk.0.ffn_down.weight"],  # Q6_K
     "layer.down_q4k": ["blk.2.ffn_down.weight"],  # the other half of the layers' ffn_down
+    "lm_head.x8": ["token_embd.weight"],  # new: rows interleaved by 8 (as the LM head runs); old: plain Q8_0
 }
 
 
@@ -121,6 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rows", default="1,2,4,5,8,9,16")
     ap.add_argument("--crossover-rows", default="16,20,24,32", help="'' to skip the crossover")
+    ap.add_argument("--head-crossover-rows", default="16,32,64,96",
+                    help="the interleaved LM head's int8 product vs panels ('' to skip)")
     ap.add_argument("--old", type=Path, help="old quant_gemm.cpp (default: git HEAD's)")
     ap.add_argument("--new", type=Path, help="new quant_gemm.cpp (default: the working tree's)")
     ap.add_argument("--old-headers", type=Path, help="folder of the headers the old source builds against "
@@ -150,8 +155,10 @@ def main() -> None:
             names = WORKLOADS[workload]
             parts = load_parts(gguf, names)
             plans = {name: qk.plan(parts) for name, qk in libs.items()}
+            if workload.endswith(".x8"):
+                plans["new"] = libs["new"].plan([(off, w.interleave()) for off, w in parts])
             width, k = plans["new"].width, plans["new"].k
-            reps = args.reps if workload == "lm_head" else 10 * args.reps
+            reps = args.reps if workload.startswith("lm_head") else 10 * args.reps
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
                 base: dict[str, float] = {}
@@ -170,7 +177,28 @@ def main() -> None:
                     results.append(point)
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         crossover = crossover_rows(libs["new"], gguf, [int(r) for r in args.crossover_rows.split(",") if r], args.reps)
-    print(json.dumps({"results": results, "crossover": crossover}, indent=1))
+        head = head_crossover(libs["new"], gguf, [int(r) for r in args.head_crossover_rows.split(",") if r], args.reps)
+    print(json.dumps({"results": results, "crossover": crossover, "head_crossover": head}, indent=1))
+
+
+def head_crossover(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:
+    """The interleaved Q8_0 LM head's int8 product against its float32 panels at 2 threads (wall time), for
+    layers/quantized.py's HEAD_INT8_MAX_ROWS."""
+    plan = qk.plan([(off, w.interleave()) for off, w in load_parts(gguf, WORKLOADS["lm_head"])])
+    torch.set_num_threads(2)
+    rows_out = []
+    for rows in row_counts:
+        x, out = torch.randn(rows, plan.k), torch.empty(rows, plan.width)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for rnd in range(reps + 1):
+            for int8 in (True, False):
+                t = once_ms(qk, plan, x, out, int8)[0]
+                if rnd:
+                    times[int8].append(t)
+        rows_out.append({"rows": rows, "int8_ms": round(statistics.median(times[True]), 2),
+                         "panels_ms": round(statistics.median(times[False]), 2)})
+        print(json.dumps(rows_out[-1]), file=sys.stderr, flush=True)
+    return rows_out
 
 
 def crossover_rows(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:

@@ -27,7 +27,14 @@ def cpu_kernels(request):
     return kernels
 
 
+# The block types, and Q8_0 with rows interleaved by 8 (the LM head's layout: QuantizedTensor.interleave).
+LAYOUTS = [*KERNEL_TYPE_NAMES, "Q8_0x8"]
+
+
 def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedTensor:
+    """Random blocks; "Q8_0x8": Q8_0 interleaved, rows rounded up to whole groups of 8."""
+    if qtype == "Q8_0x8":
+        return _weight("Q8_0", -(-rows // 8) * 8, k, seed).interleave()
     return QuantizedTensor.from_bytes(torch.from_numpy(random_blocks(qtype, rows, k, seed=seed)), T[qtype], (rows, k))
 
 
@@ -51,7 +58,7 @@ def test_activation_quantization_matches_reference(cpu_kernels):
     assert acts.q[4, 32:38].tolist() == [127, 0, 2, 2, 0, -2]
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("qtype", LAYOUTS)
 def test_dequantize_rows_matches_reference(cpu_kernels, qtype):
     w = _weight(qtype, 37, 512)
     ids = torch.tensor([[0, 36], [5, 5]])
@@ -66,13 +73,13 @@ def _int8(cpu_kernels, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("qtype", LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
     """1-17 rows: up to 4 (32-weight types: 8) share each weight block in registers, more run 4 at a time over a
     buffered weight row (remainders 1-3). n = 37 splits unevenly over threads; k = 768 gives the K-quants an odd block count
     (the last block's accumulator set), k = 544 the 32-weight types."""
-    k = 544 if qtype.endswith("_0") else 768
+    k = 544 if "_0" in qtype else 768
     w = _weight(qtype, 37, k, seed=threads)
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(threads))
     previous = torch.get_num_threads()
@@ -87,12 +94,12 @@ def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("qtype", LAYOUTS)
 def test_int8_row_result_does_not_depend_on_row_count(cpu_kernels, qtype):
     """Bit for bit: a row computed alone, with 3 or (32-weight types) 7 others (weights in registers) or with 16
     others (buffered weight rows, groups of 4) gives the same float32 output, so verifying speculative drafts in one step
     reproduces plain decode's logits exactly."""
-    k = 544 if qtype.endswith("_0") else 768  # odd block counts: the last block's accumulator set
+    k = 544 if "_0" in qtype else 768  # odd block counts: the last block's accumulator set
     w = _weight(qtype, 29, k, seed=7)
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(7)) * torch.logspace(-2, 2, 17).unsqueeze(1)
     together = _int8(cpu_kernels, x, w)
@@ -101,12 +108,12 @@ def test_int8_row_result_does_not_depend_on_row_count(cpu_kernels, qtype):
         assert torch.equal(part, together[-rows:]), f"{rows} rows"
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("qtype", LAYOUTS)
 def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
     """Bit for bit: threads split the output columns, and Q4_0 / Q5_0 run them two weight rows at a time, so a
     column that runs paired with its neighbour on one thread count runs alone on another (n = 29: 1 thread
     pairs columns 14 and 15, 2 threads split 0-14 | 15-28, 3 threads 0-9 | 10-19 | 20-28)."""
-    k = 544 if qtype.endswith("_0") else 768
+    k = 544 if "_0" in qtype else 768
     w = _weight(qtype, 29, k, seed=11)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(11)) * torch.logspace(-1, 1, 5).unsqueeze(1)
     previous = torch.get_num_threads()
@@ -122,13 +129,13 @@ def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
             assert torch.equal(got, want), f"{threads} threads, {rows} rows"
 
 
-@pytest.mark.parametrize("qtype", KERNEL_TYPE_NAMES)
+@pytest.mark.parametrize("qtype", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 7, 20])
 def test_panel_gemm_matches_reference(cpu_kernels, qtype, rows):
     """n = 67 leaves a partial panel and a partial group; rows past a multiple of the row tile."""
     w = _weight(qtype, 67, 256, seed=rows)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
-    out = torch.empty(rows, 67)
+    out = torch.empty(rows, w.shape[0])
     cpu_kernels.quant.linear(x, cpu_kernels.quant.plan([(0, w)]), out, int8=False)
     _assert_product_close(out, ref.gemm_panels(x, w), x, w)
 
@@ -177,3 +184,22 @@ def test_unknown_type_and_bad_shapes_are_refused(cpu_kernels):
         cpu_kernels.quant.plan([(0, bad)])
     with pytest.raises(IndexError):
         cpu_kernels.quant.dequantize_rows(w, torch.tensor([4]))
+
+
+def test_interleaved_layout_round_trips_and_is_refused_where_it_does_not_apply():
+    w = _weight("Q8_0", 24, 96, seed=3)
+    packed = w.interleave()
+    assert packed.interleaved and packed.blocks.shape == w.blocks.shape and packed.kernel_type == int(T.Q8_0) + 256
+    assert torch.equal(packed.gguf_blocks(), w.blocks)
+    assert not torch.equal(packed.blocks, w.blocks)
+    group = packed.blocks.reshape(3, 3, 272)[1, 2]  # rows 8-15, block 2: 8 scales, then 4 weights per row per chunk
+    for row in (8, 13):
+        block = w.blocks[row].reshape(3, 34)[2]
+        lane = row - 8
+        assert torch.equal(group[2 * lane : 2 * lane + 2], block[:2])
+        assert torch.equal(group[16:].reshape(8, 8, 4)[:, lane].reshape(32), block[2:])
+    with pytest.raises(ValueError, match="interleaved"):
+        packed.with_rows(packed.blocks[:8])
+    assert not _weight("Q8_0", 20, 96).can_interleave() and not _weight("Q4_K", 16, 256).can_interleave()
+    with pytest.raises(ValueError, match="needs Q8_0 with rows a multiple of 8"):
+        packed.interleave()

@@ -23,14 +23,21 @@ KERNEL_TYPES = (
 )
 
 
+# The native kernels' id for a layout with rows interleaved in groups of GROUP_ROWS (the GGML id plus this).
+INTERLEAVED = 256
+GROUP_ROWS = 8
+
+
 @dataclass(frozen=True, slots=True)
 class QuantizedTensor:
-    """Invariant: blocks is a CPU uint8 tensor [rows, row_bytes] with rows contiguous and
-    row_bytes == k / block_elems * block_bytes of qtype."""
+    """Invariant: blocks is a CPU uint8 tensor [rows, row_bytes] with row_bytes == k / block_elems * block_bytes
+    of qtype; rows back to back as GGUF stores them, or, when `interleaved`, rows in groups of 8 interleaved
+    (`interleave`: Q8_0 only, the layout of csrc/quant_blocks.h's kQ8_0x8)."""
 
     blocks: torch.Tensor
     qtype: GGMLQuantizationType
     shape: tuple[int, int]  # (rows, k), torch order like the dense weight it stands for
+    interleaved: bool = False
 
     @staticmethod
     def from_bytes(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> QuantizedTensor:
@@ -49,7 +56,47 @@ class QuantizedTensor:
 
     def with_rows(self, blocks: torch.Tensor) -> QuantizedTensor:
         """The same type and k over other rows of blocks (a slice or a permutation of this tensor's)."""
+        if self.interleaved:
+            raise ValueError("QuantizedTensor.with_rows: the rows are interleaved; slice the GGUF layout instead")
         return QuantizedTensor(blocks.contiguous(), self.qtype, (blocks.shape[0], self.shape[1]))
+
+    @property
+    def kernel_type(self) -> int:
+        """The type id the native kernels dispatch on (the layout included)."""
+        return int(self.qtype) + (INTERLEAVED if self.interleaved else 0)
+
+    def can_interleave(self) -> bool:
+        return self.qtype == GGMLQuantizationType.Q8_0 and self.shape[0] % GROUP_ROWS == 0 and not self.interleaved
+
+    def interleave(self) -> QuantizedTensor:
+        """The same weight with rows interleaved in groups of 8 (same bytes in all), csrc/quant_blocks.h's
+        kQ8_0x8: per group and block of 32 columns, the 8 rows' f16 scales, then chunk i (i < 8) of weights
+        4i..4i+3 of each row in turn."""
+        if not self.can_interleave():
+            raise ValueError(f"QuantizedTensor.interleave: needs Q8_0 with rows a multiple of {GROUP_ROWS}, "
+                             f"got {self.qtype.name} {self.shape}{' (already interleaved)' if self.interleaved else ''}")
+        rows, k = self.shape
+        nb = k // 32
+        out = torch.empty_like(self.blocks)
+        step = 1024 * GROUP_ROWS  # a few MB at a time: the load's peak memory grows by the copy alone
+        for r0 in range(0, rows, step):
+            b = self.blocks[r0 : r0 + step].view(-1, GROUP_ROWS, nb, 34)
+            g = b.shape[0]
+            packed = out[r0 : r0 + step].view(g, nb, 272)
+            packed[..., :16] = b[..., :2].permute(0, 2, 1, 3).reshape(g, nb, 16)
+            packed[..., 16:] = b[..., 2:].reshape(g, GROUP_ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, 256)
+        return QuantizedTensor(out, self.qtype, self.shape, True)
+
+    def gguf_blocks(self) -> torch.Tensor:
+        """The blocks in GGUF's layout, [rows, row_bytes] (a view of `blocks` unless interleaved)."""
+        if not self.interleaved:
+            return self.blocks
+        rows, k = self.shape
+        nb, g = k // 32, rows // GROUP_ROWS
+        packed = self.blocks.view(g, nb, 272)
+        scales = packed[..., :16].reshape(g, nb, GROUP_ROWS, 2).permute(0, 2, 1, 3)
+        quants = packed[..., 16:].reshape(g, nb, 8, GROUP_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
+        return torch.cat([scales, quants], dim=-1).reshape(rows, -1).contiguous()
 
 
 def has_kernel(qtype: int) -> bool:

@@ -49,7 +49,7 @@ class LinearPlan:
         def arr(ctype, values):
             return (ctype * len(values))(*values)
 
-        self.types = arr(ctypes.c_int, [int(w.qtype) for _, w in parts])
+        self.types = arr(ctypes.c_int, [w.kernel_type for _, w in parts])
         self.pointers = arr(ctypes.c_int64, [w.blocks.data_ptr() for _, w in parts])  # the parts keep them alive
         self.rows = arr(ctypes.c_int64, [w.shape[0] for _, w in parts])
         self.row_bytes = arr(ctypes.c_int64, [w.blocks.shape[1] for _, w in parts])
@@ -116,7 +116,7 @@ class QuantKernels:
                 raise ValueError("quantized linear: a part has a block type without a kernel")
             return
         for off, weight in plan.parts:
-            self._panels(int(weight.qtype), x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
+            self._panels(weight.kernel_type, x.data_ptr(), m, k, x.stride(0), weight.blocks.data_ptr(), weight.shape[0],
                          weight.blocks.shape[1], out.data_ptr() + 4 * off, out.stride(0), threads)
 
     def linear_int8_rows(self, x: torch.Tensor, plan: LinearPlan, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +139,7 @@ class QuantKernels:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
             raise IndexError(f"dequantize_rows: row ids must be in [0, {weight.shape[0]})")
         out = torch.empty((ids.numel(), weight.shape[1]), dtype=torch.float32)
-        self._dequant(int(weight.qtype), weight.blocks.data_ptr(), weight.blocks.shape[1], ids.data_ptr(), ids.numel(),
+        self._dequant(weight.kernel_type, weight.blocks.data_ptr(), weight.blocks.shape[1], ids.data_ptr(), ids.numel(),
                       weight.shape[1], out.data_ptr(), torch.get_num_threads())
         return out.view(*rows.shape, weight.shape[1])
 

@@ -27,7 +27,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def dequantize_weight(weight: QuantizedTensor) -> torch.Tensor:
     """float32 [rows, k]."""
-    return dequantize(weight.blocks, weight.qtype, weight.shape)
+    return dequantize(weight.gguf_blocks(), weight.qtype, weight.shape)
 
 
 def gemm_int8(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:

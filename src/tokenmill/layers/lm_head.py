@@ -24,9 +24,12 @@ from torch import nn
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.layers.linear import column_major, try_pack
 from tokenmill.layers.quantized import (
+    HEAD_INT8_MAX_ROWS,
+    INT8_MAX_ROWS,
     QuantizedLinear,
     densify,
     dequantized,
+    interleave_rows,
     quantized_parts,
     wants_dense_copy,
 )
@@ -54,7 +57,8 @@ class LMHead(nn.Module):
     def _prepare(self, kernels: CpuKernels | None) -> None:
         owner = self._tied[0] if self._tied else self
         parts = quantized_parts(owner)
-        if parts is not None and kernels is not None:  # the blocks as stored: 8-bit dot products for decode
+        if parts is not None and kernels is not None:  # the blocks: 8-bit dot products for decode
+            parts = interleave_rows(owner)  # Q8_0: rows interleaved by 8 (1.5x at 8 rows, benchmarks/quant_rows.py)
             dense = None
             if wants_dense_copy(owner):  # --dense-batch-weights: float32 panels for steps with many sequences
                 panels = kernels.pack_panels(dequantized(parts, torch.float32))
@@ -62,7 +66,8 @@ class LMHead(nn.Module):
                 def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
                     return kernels.panel_gemm(x, panels, out=out)
 
-            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, dense=dense)
+            rows = HEAD_INT8_MAX_ROWS if parts[0][1].interleaved else INT8_MAX_ROWS
+            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, int8_max_rows=rows, dense=dense)
             self._writes_out = True
             if not self._tied:
                 self.weight = nn.Parameter(torch.empty(0), requires_grad=False)

@@ -68,7 +68,7 @@ struct StepShape {
 void linear_share(const StepLinear& L, const Acts& acts, int64_t m, float* c) {
   for (int64_t i = 0; i < L.nparts; ++i) {
     int64_t n0, n1;
-    thread_share(L.rows[i], n0, n1);
+    thread_share(L.rows[i], n0, n1, L.types[i]);
     dispatch<PartOp>(L.types[i], acts, m, reinterpret_cast<const uint8_t*>(L.weights[i]), L.row_bytes[i], n0, n1,
                      c + L.cols[i], L.width);
   }

@@ -62,11 +62,44 @@ void dequant_row(const uint8_t* wrow, int64_t k, float* out, int64_t stride) {
   }
 }
 
+// Row n of a weight as float32 (out[i * stride]), whatever the layout.
+template <int T>
+void dequant_row_n(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out, int64_t stride) {
+  if constexpr (T == kQ8_0x8)
+    dequant_row_x8(w, row_bytes, n, k, out, stride);
+  else
+    dequant_row<T>(w + n * row_bytes, k, out, stride);
+}
+
 template <int T>
 void dequant_rows(const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t count, int64_t k, float* out,
                   int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t r = 0; r < count; ++r) dequant_row<T>(w + rows[r] * row_bytes, k, out + r * k, 1);
+  for (int64_t r = 0; r < count; ++r) dequant_row_n<T>(w, row_bytes, rows[r], k, out + r * k, 1);
+}
+
+// An interleaved group of 8 rows is a panel of width 8 as it stands: byte t of each 32-bit lane of a chunk is
+// one k-position for the 8 rows, sign-extended by two shifts, scaled and stored as a panel row.
+inline bool x8_panel(const uint8_t* grp, int64_t k, float* panel) {
+#if defined(__AVX2__) && defined(__F16C__)
+  if constexpr (PW == kGroupRows) {
+    for (int64_t b = 0; b < k / 32; ++b) {
+      const uint8_t* blk = grp + b * kGroupBlockBytes;
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+      for (int i = 0; i < 8; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * i));
+        float* row = panel + (32 * b + 4 * i) * PW;
+        _mm256_storeu_ps(row, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24))));
+        _mm256_storeu_ps(row + PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24))));
+        _mm256_storeu_ps(row + 2 * PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24))));
+        _mm256_storeu_ps(row + 3 * PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24))));
+      }
+    }
+    return true;
+  }
+#endif
+  (void)grp, (void)k, (void)panel;
+  return false;
 }
 
 // tmp [PW][k] (rows k apart) -> panel [k][PW]: 8 x 8 register transposes where AVX2 has them.
@@ -115,10 +148,11 @@ void panel_gemm_q(const float* a, int64_t m, int64_t k, int64_t lda, const uint8
       const int64_t q0 = grp * NR, np = std::min<int64_t>(NR, panels - q0), c0 = q0 * PW;
       const int64_t cols = std::min<int64_t>(np * PW, n - c0);
       for (int64_t p = 0; p < np; ++p) {
+        if (T == kQ8_0x8 && x8_panel(w + (c0 + p * PW) * row_bytes, k, buf + p * k * PW)) continue;
         for (int j = 0; j < PW; ++j) {
           const int64_t row = c0 + p * PW + j;
           if (row < n)
-            dequant_row<T>(w + row * row_bytes, k, tmp + j * k, 1);
+            dequant_row_n<T>(w, row_bytes, row, k, tmp + j * k, 1);
           else
             std::memset(tmp + j * k, 0, sizeof(float) * k);
         }
@@ -176,7 +210,7 @@ int quant_linear_int8(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t*
     const Acts a{q, d, sums, k};  // (the loop's implicit barrier: every row is quantized before any is read)
     for (int i = 0; i < nparts; ++i) {
       int64_t n0, n1;
-      thread_share(rows[i], n0, n1);
+      thread_share(rows[i], n0, n1, types[i]);
       dispatch<PartOp>(types[i], a, m, reinterpret_cast<const uint8_t*>(weights[i]), row_bytes[i], n0, n1,
                        c + cols[i], ldc);
     }
