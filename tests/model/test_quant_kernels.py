@@ -27,14 +27,14 @@ def cpu_kernels(request):
     return kernels
 
 
-# The block types, and Q8_0 with rows interleaved by 8 (the LM head's layout: QuantizedTensor.interleave).
-LAYOUTS = [*KERNEL_TYPE_NAMES, "Q8_0x8"]
+# The block types, and Q8_0 / Q5_0 with rows interleaved by 8 (QuantizedTensor.interleave, csrc/quant_x8.h).
+LAYOUTS = [*KERNEL_TYPE_NAMES, "Q8_0x8", "Q5_0x8"]
 
 
 def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedTensor:
-    """Random blocks; "Q8_0x8": Q8_0 interleaved, rows rounded up to whole groups of 8."""
-    if qtype == "Q8_0x8":
-        return _weight("Q8_0", -(-rows // 8) * 8, k, seed).interleave()
+    """Random blocks; "Q8_0x8" / "Q5_0x8": interleaved, rows rounded up to whole groups of 8."""
+    if qtype.endswith("x8"):
+        return _weight(qtype[:-2], -(-rows // 8) * 8, k, seed).interleave()
     return QuantizedTensor.from_bytes(torch.from_numpy(random_blocks(qtype, rows, k, seed=seed)), T[qtype], (rows, k))
 
 
@@ -201,5 +201,7 @@ def test_interleaved_layout_round_trips_and_is_refused_where_it_does_not_apply()
     with pytest.raises(ValueError, match="interleaved"):
         packed.with_rows(packed.blocks[:8])
     assert not _weight("Q8_0", 20, 96).can_interleave() and not _weight("Q4_K", 16, 256).can_interleave()
-    with pytest.raises(ValueError, match="needs Q8_0 with rows a multiple of 8"):
+    with pytest.raises(ValueError, match="needs Q8_0/Q5_0 with rows a multiple of 8"):
         packed.interleave()
+    q5 = _weight("Q5_0", 16, 64, seed=4)
+    assert torch.equal(q5.interleave().gguf_blocks(), q5.blocks)

@@ -66,37 +66,80 @@ class QuantizedTensor:
         return int(self.qtype) + (INTERLEAVED if self.interleaved else 0)
 
     def can_interleave(self) -> bool:
-        return self.qtype == GGMLQuantizationType.Q8_0 and self.shape[0] % GROUP_ROWS == 0 and not self.interleaved
+        return self.qtype in INTERLEAVED_TYPES and self.shape[0] % GROUP_ROWS == 0 and not self.interleaved
 
     def interleave(self) -> QuantizedTensor:
-        """The same weight with rows interleaved in groups of 8 (same bytes in all), csrc/quant_blocks.h's
-        kQ8_0x8: per group and block of 32 columns, the 8 rows' f16 scales, then chunk i (i < 8) of weights
-        4i..4i+3 of each row in turn."""
+        """The same weight with rows interleaved in groups of 8 (same bytes in all; csrc/quant_x8.h): per group
+        and block of 32 columns, the 8 rows' f16 scales, then the quants in chunks of 4 weights of each row in
+        turn (Q8_0: a byte each; Q5_0: nibbles of chunks 2p and 2p + 1 in one byte, then a 32-bit word of 5th
+        bits per chunk)."""
         if not self.can_interleave():
-            raise ValueError(f"QuantizedTensor.interleave: needs Q8_0 with rows a multiple of {GROUP_ROWS}, "
-                             f"got {self.qtype.name} {self.shape}{' (already interleaved)' if self.interleaved else ''}")
+            names = "/".join(t.name for t in INTERLEAVED_TYPES)
+            raise ValueError(f"QuantizedTensor.interleave: needs {names} with rows a multiple of {GROUP_ROWS}, got "
+                             f"{self.qtype.name} {self.shape}{' (already interleaved)' if self.interleaved else ''}")
         rows, k = self.shape
-        nb = k // 32
+        nb, nbytes = k // 32, GGML_QUANT_SIZES[self.qtype][1]
         out = torch.empty_like(self.blocks)
         step = 1024 * GROUP_ROWS  # a few MB at a time: the load's peak memory grows by the copy alone
         for r0 in range(0, rows, step):
-            b = self.blocks[r0 : r0 + step].view(-1, GROUP_ROWS, nb, 34)
+            b = self.blocks[r0 : r0 + step].view(-1, GROUP_ROWS, nb, nbytes)
             g = b.shape[0]
-            packed = out[r0 : r0 + step].view(g, nb, 272)
+            packed = out[r0 : r0 + step].view(g, nb, GROUP_ROWS * nbytes)
             packed[..., :16] = b[..., :2].permute(0, 2, 1, 3).reshape(g, nb, 16)
-            packed[..., 16:] = b[..., 2:].reshape(g, GROUP_ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, 256)
+            if self.qtype == GGMLQuantizationType.Q8_0:
+                packed[..., 16:] = _chunked(b[..., 2:]).reshape(g, nb, 256)
+                continue
+            qs = b[..., 6:]
+            u = torch.cat([qs & 15, qs >> 4], dim=-1).view(g, GROUP_ROWS, nb, 4, 2, 4)  # weight 8p + 4 half + t
+            nibbles = u[..., 0, :] | (u[..., 1, :] << 4)  # [g, rows, nb, p, t]
+            packed[..., 16:144] = nibbles.permute(0, 2, 3, 1, 4).reshape(g, nb, 128)
+            high = _bits(b[..., 2:6])  # [g, rows, nb, 32]: weight w's 5th bit
+            packed[..., 144:] = _pack_bits(_chunked(high).reshape(g, nb, 8, 32)).reshape(g, nb, 32)
         return QuantizedTensor(out, self.qtype, self.shape, True)
 
     def gguf_blocks(self) -> torch.Tensor:
-        """The blocks in GGUF's layout, [rows, row_bytes] (a view of `blocks` unless interleaved)."""
+        """The blocks in GGUF's layout, [rows, row_bytes] (`blocks` itself unless interleaved)."""
         if not self.interleaved:
             return self.blocks
         rows, k = self.shape
-        nb, g = k // 32, rows // GROUP_ROWS
-        packed = self.blocks.view(g, nb, 272)
+        nb, g, nbytes = k // 32, rows // GROUP_ROWS, GGML_QUANT_SIZES[self.qtype][1]
+        packed = self.blocks.view(g, nb, GROUP_ROWS * nbytes)
         scales = packed[..., :16].reshape(g, nb, GROUP_ROWS, 2).permute(0, 2, 1, 3)
-        quants = packed[..., 16:].reshape(g, nb, 8, GROUP_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(g, GROUP_ROWS, nb, 32)
-        return torch.cat([scales, quants], dim=-1).reshape(rows, -1).contiguous()
+        if self.qtype == GGMLQuantizationType.Q8_0:
+            fields = [scales, _unchunked(packed[..., 16:].reshape(g, nb, 8, GROUP_ROWS, 4))]
+        else:
+            nibbles = packed[..., 16:144].reshape(g, nb, 4, GROUP_ROWS, 4).permute(0, 3, 1, 2, 4)  # [g, rows, nb, p, t]
+            u = torch.stack([nibbles & 15, nibbles >> 4], dim=-2).reshape(g, GROUP_ROWS, nb, 32)
+            high = _unchunked(_bits(packed[..., 144:].reshape(g, nb, 8, 4)).reshape(g, nb, 8, GROUP_ROWS, 4))
+            fields = [scales, _pack_bits(high), u[..., :16] | (u[..., 16:] << 4)]
+        return torch.cat(fields, dim=-1).reshape(rows, -1).contiguous()
+
+
+# The block types that interleave (csrc/quant_x8.h has their kernels).
+INTERLEAVED_TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0)
+
+
+def _chunked(q: torch.Tensor) -> torch.Tensor:
+    """[g, rows, nb, 32] per-row values -> [g, nb, chunk, rows, 4]: chunk i holds values 4i..4i+3 of each row."""
+    g, rows, nb, _ = q.shape
+    return q.reshape(g, rows, nb, 8, 4).permute(0, 2, 3, 1, 4)
+
+
+def _unchunked(c: torch.Tensor) -> torch.Tensor:
+    """The inverse of _chunked: [g, nb, chunk, rows, 4] -> [g, rows, nb, 32]."""
+    g, nb, _, rows, _ = c.shape
+    return c.permute(0, 3, 1, 2, 4).reshape(g, rows, nb, 32)
+
+
+def _bits(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] -> [..., 8 n] of 0/1, little-endian (bit t of byte m is element 8 m + t)."""
+    return ((b.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The inverse of _bits."""
+    weights = torch.tensor([1 << t for t in range(8)], dtype=torch.uint8)
+    return (bits.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
 
 
 def has_kernel(qtype: int) -> bool:

@@ -20,6 +20,7 @@ from tokenmill.layers.quantized import (
     densify,
     dequantized,
     has_block_parts,
+    interleave_rows,
     load_quantized,
     quantized_parts,
     wants_dense_copy,
@@ -171,6 +172,7 @@ def _quantized_method(module: nn.Module, kernels: CpuKernels | None) -> Quantize
         return None
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(kernels.quant, parts[0][1], module.weight.dtype)
+    parts = interleave_rows(module)  # Q8_0 / Q5_0: 8 rows per vector (decode rows 1.3-2x, quant_rows.py)
     dense = None
     if wants_dense_copy(module):  # --dense-batch-weights: the dense layout of this weight, for big batches
         weight = dequantized(parts, module.weight.dtype)

@@ -24,8 +24,6 @@ from torch import nn
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.layers.linear import column_major, try_pack
 from tokenmill.layers.quantized import (
-    HEAD_INT8_MAX_ROWS,
-    INT8_MAX_ROWS,
     QuantizedLinear,
     densify,
     dequantized,
@@ -58,7 +56,7 @@ class LMHead(nn.Module):
         owner = self._tied[0] if self._tied else self
         parts = quantized_parts(owner)
         if parts is not None and kernels is not None:  # the blocks: 8-bit dot products for decode
-            parts = interleave_rows(owner)  # Q8_0: rows interleaved by 8 (1.5x at 8 rows, benchmarks/quant_rows.py)
+            parts = interleave_rows(owner)  # Q8_0: rows interleaved by 8 (1.4-1.8x at 4-16 rows, quant_rows.py)
             dense = None
             if wants_dense_copy(owner):  # --dense-batch-weights: float32 panels for steps with many sequences
                 panels = kernels.pack_panels(dequantized(parts, torch.float32))
@@ -66,8 +64,7 @@ class LMHead(nn.Module):
                 def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
                     return kernels.panel_gemm(x, panels, out=out)
 
-            rows = HEAD_INT8_MAX_ROWS if parts[0][1].interleaved else INT8_MAX_ROWS
-            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, int8_max_rows=rows, dense=dense)
+            self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, dense=dense)
             self._writes_out = True
             if not self._tied:
                 self.weight = nn.Parameter(torch.empty(0), requires_grad=False)

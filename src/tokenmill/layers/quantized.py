@@ -29,10 +29,6 @@ _ATTR = "quantized_parts"
 # activations, and one sequence's decode with up to 15 speculative drafts stays on the int8 kernel, where a
 # row's result does not depend on the row count.
 INT8_MAX_ROWS = 16
-# The LM head over rows interleaved by 8 (interleave_rows): its int8 product measured faster than the panels up to
-# 64 rows (Gemma 3's 262,144 x 640 Q8_0 head, 2 threads: 32 rows 58 vs 77 ms, 64 rows 126 vs 138 ms), so the
-# logits of a batch of up to 64 decodes take it too, and a row's logits do not depend on the batch's size.
-HEAD_INT8_MAX_ROWS = 64
 
 
 def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
@@ -65,21 +61,22 @@ def quantized_parts(module: nn.Module) -> list[tuple[int, QuantizedTensor]] | No
 
 
 def interleave_rows(module: nn.Module) -> list[tuple[int, QuantizedTensor]] | None:
-    """quantized_parts(module), with a single Q8_0 weight (rows a multiple of 8) repacked in place of its GGUF
-    layout into rows interleaved by 8 (same bytes; QuantizedTensor.interleave), the LM head's layout: its int8
-    product gives 8 output columns per vector (csrc/quant_int8.h, int8_part_x8). A tied embedding's lookup reads
-    the new layout too."""
+    """quantized_parts(module), each Q8_0 / Q5_0 part (rows a multiple of 8) repacked in place of its GGUF layout
+    into rows interleaved by 8 (same bytes; QuantizedTensor.interleave): their int8 product gives 8 output
+    columns per vector (csrc/quant_x8.h). A tied embedding's lookup reads the new layout too."""
     parts = quantized_parts(module)
-    if parts is None or len(parts) != 1 or not parts[0][1].can_interleave():
+    if parts is None:
+        return None
+    packed = {id(qt): qt.interleave() for _, qt in parts if qt.can_interleave()}
+    if not packed:
         return parts
-    packed = parts[0][1].interleave()
     stored = module.__dict__[_ATTR]
-    for key in stored:
-        stored[key] = packed
+    for key, qt in stored.items():
+        stored[key] = packed.get(id(qt), qt)
     lookup = module.__dict__.get("forward")
     if isinstance(lookup, QuantizedEmbedding):
-        lookup.weight = packed
-    return [(parts[0][0], packed)]
+        lookup.weight = packed.get(id(lookup.weight), lookup.weight)
+    return [(off, packed.get(id(qt), qt)) for off, qt in parts]
 
 
 def densify(module: nn.Module, weight: torch.Tensor) -> None:

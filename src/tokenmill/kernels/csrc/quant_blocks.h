@@ -21,16 +21,6 @@ using namespace tokenmill::panel;
 
 enum Type : int { kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
-// A GGML type id plus kInterleaved: the same blocks with rows interleaved in groups of 8 (repacked at load,
-// kernels/quant_format.py). Only Q8_0 (the LM head): per group of 8 rows and block of 32 columns, 272 bytes, the
-// 8 rows' f16 scales, then 8 chunks of 32 bytes, chunk i holding weights 4i..4i+3 of row 0, of row 1, ..., of
-// row 7. One 32-bit lane per row: a block's products for 8 rows end in 8 lanes, with no horizontal sums. (The
-// scales of a group gathered after its quants, which keeps every chunk within a cache line, measured slower:
-// two streams per group.)
-constexpr int kInterleaved = 256;
-constexpr int kQ8_0x8 = kQ8_0 + kInterleaved;
-constexpr int kGroupRows = 8, kGroupBlockBytes = 272;
-
 // One unpacked block: w[i] = s[i / 16] * q[i] - m[i / 32]. q is signed (the type's offset already subtracted)
 // for every type but Q4_K / Q5_K, whose minimums stay a separate term (m; zero for the other types).
 struct alignas(64) Group {
@@ -72,20 +62,6 @@ template <> struct Format<kQ5_0> : FormatOf<32, 22, false, false> {};
 template <> struct Format<kQ4_K> : FormatOf<256, 144, true, false> {};
 template <> struct Format<kQ5_K> : FormatOf<256, 176, true, false> {};
 template <> struct Format<kQ6_K> : FormatOf<256, 210, false, true> {};
-template <> struct Format<kQ8_0x8> : FormatOf<32, 34, false, false> {};  // (bytes per row and block, as Q8_0)
-
-// Weight row n of an interleaved Q8_0 matrix as float32 (out[i * stride]); row_bytes as the plain layout's.
-inline void dequant_row_x8(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out, int64_t stride) {
-  const uint8_t* grp = w + (n / kGroupRows) * kGroupRows * row_bytes;
-  const int lane = static_cast<int>(n % kGroupRows);
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* blk = grp + b * kGroupBlockBytes;
-    const float s = f16_to_f32(blk + 2 * lane);
-    for (int i = 0; i < 32; ++i)
-      out[(32 * b + i) * stride] = s * static_cast<float>(static_cast<int8_t>(blk[16 + 32 * (i / 4) + 4 * lane + i % 4]));
-  }
-}
-
 inline void fill(float* p, int n, float v) {
   for (int i = 0; i < n; ++i) p[i] = v;
 }

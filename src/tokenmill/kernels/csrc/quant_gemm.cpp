@@ -65,8 +65,8 @@ void dequant_row(const uint8_t* wrow, int64_t k, float* out, int64_t stride) {
 // Row n of a weight as float32 (out[i * stride]), whatever the layout.
 template <int T>
 void dequant_row_n(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out, int64_t stride) {
-  if constexpr (T == kQ8_0x8)
-    dequant_row_x8(w, row_bytes, n, k, out, stride);
+  if constexpr ((T & kInterleaved) != 0)
+    dequant_row_x8<T>(w, row_bytes, n, k, out, stride);
   else
     dequant_row<T>(w + n * row_bytes, k, out, stride);
 }
@@ -76,30 +76,6 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, const int64_t* rows, int6
                   int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t r = 0; r < count; ++r) dequant_row_n<T>(w, row_bytes, rows[r], k, out + r * k, 1);
-}
-
-// An interleaved group of 8 rows is a panel of width 8 as it stands: byte t of each 32-bit lane of a chunk is
-// one k-position for the 8 rows, sign-extended by two shifts, scaled and stored as a panel row.
-inline bool x8_panel(const uint8_t* grp, int64_t k, float* panel) {
-#if defined(__AVX2__) && defined(__F16C__)
-  if constexpr (PW == kGroupRows) {
-    for (int64_t b = 0; b < k / 32; ++b) {
-      const uint8_t* blk = grp + b * kGroupBlockBytes;
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-      for (int i = 0; i < 8; ++i) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * i));
-        float* row = panel + (32 * b + 4 * i) * PW;
-        _mm256_storeu_ps(row, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24))));
-        _mm256_storeu_ps(row + PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24))));
-        _mm256_storeu_ps(row + 2 * PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24))));
-        _mm256_storeu_ps(row + 3 * PW, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24))));
-      }
-    }
-    return true;
-  }
-#endif
-  (void)grp, (void)k, (void)panel;
-  return false;
 }
 
 // tmp [PW][k] (rows k apart) -> panel [k][PW]: 8 x 8 register transposes where AVX2 has them.
@@ -130,6 +106,24 @@ inline void transpose_to_panel(const float* tmp, int64_t k, float* panel) {
     for (int j = 0; j < PW; ++j) panel[kk * PW + j] = tmp[j * k + kk];
 }
 
+// Every row tile of the packed activations against np dequantized panels. Not inlined: in a caller whose
+// dequantizer keeps constants in registers (quant_x8.h) GCC spilled an accumulator in the microkernel's loop
+// (2x slower); here the tile loop has the registers to itself, whatever the block type.
+__attribute__((noinline)) void panel_tiles(const float* ap, int64_t m, int64_t k, const float* buf, int64_t np,
+                                           int64_t cols, float* c, int64_t ldc) {
+  for (int64_t t = 0; t < (m + MR - 1) / MR; ++t) {
+    const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
+    const float* at = ap + t * k * MR;
+    float* ct = c + t * MR * ldc;
+    if (np == NR)
+      tile<NR>(r, at, buf, k, ct, ldc, cols, buf, 0);
+    else if (np == kMid)
+      tile<kMid>(r, at, buf, k, ct, ldc, cols, buf, 0);
+    else
+      tile<1>(r, at, buf, k, ct, ldc, cols, buf, 0);
+  }
+}
+
 template <int T>
 void panel_gemm_q(const float* a, int64_t m, int64_t k, int64_t lda, const uint8_t* w, int64_t n, int64_t row_bytes,
                   float* c, int64_t ldc, int num_threads) {
@@ -148,7 +142,8 @@ void panel_gemm_q(const float* a, int64_t m, int64_t k, int64_t lda, const uint8
       const int64_t q0 = grp * NR, np = std::min<int64_t>(NR, panels - q0), c0 = q0 * PW;
       const int64_t cols = std::min<int64_t>(np * PW, n - c0);
       for (int64_t p = 0; p < np; ++p) {
-        if (T == kQ8_0x8 && x8_panel(w + (c0 + p * PW) * row_bytes, k, buf + p * k * PW)) continue;
+        if constexpr ((T & kInterleaved) != 0)  // a group is a panel as it stands (quant_x8.h)
+          if (x8_panel<T>(w + (c0 + p * PW) * row_bytes, k, buf + p * k * PW)) continue;
         for (int j = 0; j < PW; ++j) {
           const int64_t row = c0 + p * PW + j;
           if (row < n)
@@ -158,17 +153,7 @@ void panel_gemm_q(const float* a, int64_t m, int64_t k, int64_t lda, const uint8
         }
         transpose_to_panel(tmp, k, buf + p * k * PW);
       }
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int r = static_cast<int>(std::min<int64_t>(MR, m - t * MR));
-        const float* at = ap + t * k * MR;
-        float* ct = c + t * MR * ldc + c0;
-        if (np == NR)
-          tile<NR>(r, at, buf, k, ct, ldc, cols, buf, 0);
-        else if (np == kMid)
-          tile<kMid>(r, at, buf, k, ct, ldc, cols, buf, 0);
-        else
-          tile<1>(r, at, buf, k, ct, ldc, cols, buf, 0);
-      }
+      panel_tiles(ap, m, k, buf, np, cols, c + c0, ldc);
     }
     std::free(buf);
   }

@@ -21,6 +21,7 @@
 #include "panel_kernel.h"
 #include "quant_blocks.h"
 #include "quant_dot.h"
+#include "quant_x8.h"
 
 namespace {
 
@@ -259,79 +260,9 @@ void int8_part(const Acts& all, int64_t m, const uint8_t* w, int64_t row_bytes, 
   std::free(mem);
 }
 
-// ---- interleaved Q8_0 (kQ8_0x8, quant_blocks.h): 8 weight rows per vector, one 32-bit lane each ------------
-// Per block and activation row: 8 chunks, each 4 activation quants broadcast to the 8 lanes against 4 weights of
-// each row (|w| against x with w's sign, as dot32), summed exactly in int32, then one convert and one FMA for 8
-// output columns. The plain layout spends a convert, a scale product and an FMA per row and block, and a
-// horizontal sum per output: at 8 decode rows the Gemma 3 LM head ran 1.5x faster this way (benchmarks/
-// quant_rows.py). A row's result depends only on its own activations, whatever the row or thread count.
-template <int R>
-inline void x8_group(const uint8_t* grp, const Acts& a, int64_t r0, float* c, int64_t ldc) {
-  const int64_t nb = a.k / 32;
-#if defined(__AVX2__) && defined(__F16C__)
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = grp + b * kGroupBlockBytes;
-    for (int at = 0; at < kGroupBlockBytes; at += 64) __builtin_prefetch(blk + 2 * kPrefetchAhead + at);
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    __m256i q[8];
-    for (int i = 0; i < 8; ++i) q[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * i));
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = a.q + (r0 + r) * a.k + 32 * b;
-      __m256i sum = _mm256_setzero_si256();
-      for (int i = 0; i < 8; ++i) {
-        // (4 quants to every lane: a broadcast straight from memory, a load port's work)
-        const __m256i xb = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(x + 4 * i)));
-        sum = _mm256_add_epi32(sum, dot32(_mm256_sign_epi8(q[i], q[i]), _mm256_sign_epi8(xb, q[i])));
-      }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s, _mm256_broadcast_ss(a.d + (r0 + r) * nb + b)),
-                               acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(c + (r0 + r) * ldc, acc[r]);
-#else
-  for (int r = 0; r < R; ++r) {
-    float acc[kGroupRows] = {};
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = grp + b * kGroupBlockBytes;
-      const int8_t* x = a.q + (r0 + r) * a.k + 32 * b;
-      const float dx = a.d[(r0 + r) * nb + b];
-      for (int j = 0; j < kGroupRows; ++j) {
-        int32_t sum = 0;
-        for (int i = 0; i < 32; ++i)
-          sum += static_cast<int32_t>(static_cast<int8_t>(blk[16 + 32 * (i / 4) + 4 * j + i % 4])) * x[i];
-        acc[j] += f16_to_f32(blk + 2 * j) * dx * static_cast<float>(sum);
-      }
-    }
-    for (int j = 0; j < kGroupRows; ++j) c[(r0 + r) * ldc + j] = acc[j];
-  }
-#endif
-}
-
-// Output columns [n0, n1) (whole groups of 8) for m activation rows: a group's blocks (~5 kB for k = 640) are
-// read from memory once and stay in L1 for every chunk of up to 8 rows after the first.
-inline void int8_part_x8(const Acts& a, int64_t m, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
-                         float* c, int64_t ldc) {
-  for (int64_t n = n0; n + kGroupRows <= n1; n += kGroupRows) {
-    const uint8_t* grp = w + n * row_bytes;  // group n / 8 starts where row n would
-    for (int64_t r0 = 0; r0 < m; r0 += 8) {
-      switch (std::min<int64_t>(8, m - r0)) {
-        case 8: x8_group<8>(grp, a, r0, c + n, ldc); break;
-        case 7: x8_group<7>(grp, a, r0, c + n, ldc); break;
-        case 6: x8_group<6>(grp, a, r0, c + n, ldc); break;
-        case 5: x8_group<5>(grp, a, r0, c + n, ldc); break;
-        case 4: x8_group<4>(grp, a, r0, c + n, ldc); break;
-        case 3: x8_group<3>(grp, a, r0, c + n, ldc); break;
-        case 2: x8_group<2>(grp, a, r0, c + n, ldc); break;
-        default: x8_group<1>(grp, a, r0, c + n, ldc); break;
-      }
-    }
-  }
-}
-
 template <int T> struct PartOp { template <typename... A> static void run(A... a) { int8_part<T>(a...); } };
-template <> struct PartOp<kQ8_0x8> { template <typename... A> static void run(A... a) { int8_part_x8(a...); } };
+template <> struct PartOp<kQ8_0x8> { template <typename... A> static void run(A... a) { int8_part_x8<kQ8_0x8>(a...); } };
+template <> struct PartOp<kQ5_0x8> { template <typename... A> static void run(A... a) { int8_part_x8<kQ5_0x8>(a...); } };
 
 // This thread's share [n0, n1) of n output columns; for an interleaved type whole groups of 8 rows.
 inline void thread_share(int64_t n, int64_t& n0, int64_t& n1, int type = 0) {
@@ -356,6 +287,7 @@ int dispatch(int type, Args... args) {
     case kQ5_K: Op<kQ5_K>::run(args...); return 0;
     case kQ6_K: Op<kQ6_K>::run(args...); return 0;
     case kQ8_0x8: Op<kQ8_0x8>::run(args...); return 0;
+    case kQ5_0x8: Op<kQ5_0x8>::run(args...); return 0;
     default: return -1;
   }
 }
