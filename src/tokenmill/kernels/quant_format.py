@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -79,7 +80,9 @@ class QuantizedTensor:
                              f"{self.qtype.name} {self.shape}{' (already interleaved)' if self.interleaved else ''}")
         rows, k = self.shape
         nb, nbytes = k // 32, GGML_QUANT_SIZES[self.qtype][1]
-        out = torch.empty_like(self.blocks)
+        # numpy's buffer, not torch's: numpy asks the kernel for transparent huge pages (madvise), as the loader's
+        # copies of the GGUF tensors get them; the LM head streamed through 4 kB pages ran ~25% slower at 1 row.
+        out = torch.from_numpy(np.empty(tuple(self.blocks.shape), dtype=np.uint8))
         step = 1024 * GROUP_ROWS  # a few MB at a time: the load's peak memory grows by the copy alone
         for r0 in range(0, rows, step):
             b = self.blocks[r0 : r0 + step].view(-1, GROUP_ROWS, nb, nbytes)
