@@ -8,7 +8,8 @@ read once per step, so its layout is chosen once, on first use:
   rounded to bf16 once, then widened to float32, as vLLM's bf16 heads do);
 - CPU bf16 elsewhere with the kernels: bf16 panels, float32 accumulation and float32 logits (half the bytes);
 - CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is;
-- GGUF blocks kept as stored (its own or the tied embedding's): QuantizedLinear (layers/quantized.py).
+- GGUF blocks (its own or the tied embedding's; Q8_0 / Q5_0 rows interleaved by 8 at load): QuantizedLinear
+  (layers/quantized.py).
 An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
 embedding it shares, which the input lookup still needs.
 """
@@ -56,7 +57,7 @@ class LMHead(nn.Module):
         owner = self._tied[0] if self._tied else self
         parts = quantized_parts(owner)
         if parts is not None and kernels is not None:  # the blocks: 8-bit dot products for decode
-            parts = interleave_rows(owner)  # Q8_0: rows interleaved by 8 (1.4-1.8x at 4-16 rows, quant_rows.py)
+            parts = interleave_rows(owner)  # Q8_0 / Q5_0 rows interleaved by 8 (csrc/quant_x8.h)
             dense = None
             if wants_dense_copy(owner):  # --dense-batch-weights: float32 panels for steps with many sequences
                 panels = kernels.pack_panels(dequantized(parts, torch.float32))

@@ -62,6 +62,7 @@ template <> struct Format<kQ5_0> : FormatOf<32, 22, false, false> {};
 template <> struct Format<kQ4_K> : FormatOf<256, 144, true, false> {};
 template <> struct Format<kQ5_K> : FormatOf<256, 176, true, false> {};
 template <> struct Format<kQ6_K> : FormatOf<256, 210, false, true> {};
+
 inline void fill(float* p, int n, float v) {
   for (int i = 0; i < n; ++i) p[i] = v;
 }
