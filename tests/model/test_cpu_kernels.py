@@ -32,6 +32,16 @@ def cpu_kernels(request):
     return kernels
 
 
+def test_build_key_covers_every_source_and_header():
+    """The cached library is keyed by the bytes of _SOURCES + _HEADERS: a file left out would let an edit to it
+    run a stale build."""
+    from tokenmill.kernels import cpu_kernels
+
+    csrc = cpu_kernels._SOURCES[0].parent
+    assert {p.name for p in cpu_kernels._SOURCES} == {p.name for p in csrc.glob("*.cpp")}
+    assert {p.name for p in cpu_kernels._HEADERS} == {p.name for p in csrc.glob("*.h")}
+
+
 def test_default_variant_is_the_widest_this_cpu_runs(monkeypatch):
     monkeypatch.delenv("TOKENMILL_CPU_KERNELS", raising=False)
     assert load_cpu_kernels().variant == RUNNABLE[0]

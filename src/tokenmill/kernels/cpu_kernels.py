@@ -41,7 +41,7 @@ _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cp
                                                                     "panel_gemm.cpp", "quant_gemm.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in (
     "wide_vector.h", "vec_math.h", "decode_attention.h", "decode_ops.h", "panel_kernel.h", "quant_blocks.h", "quant_dot.h",
-    "quant_int8.h")]  # build key only
+    "quant_int8.h", "quant_x8.h")]  # build key only
 _FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi"]
 _ABI_VERSION = 8
 
