@@ -33,7 +33,7 @@ GROUP_ROWS = 8
 class QuantizedTensor:
     """Invariant: blocks is a CPU uint8 tensor [rows, row_bytes] with row_bytes == k / block_elems * block_bytes
     of qtype; rows back to back as GGUF stores them, or, when `interleaved`, rows in groups of 8 interleaved
-    (`interleave`: Q8_0 only, the layout of csrc/quant_blocks.h's kQ8_0x8)."""
+    (`interleave`: Q8_0 / Q5_0, the layouts of csrc/quant_x8.h)."""
 
     blocks: torch.Tensor
     qtype: GGMLQuantizationType

@@ -100,15 +100,19 @@ template <> inline __m256i load_u32<kQ4_0>(const uint8_t* b) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
 }
 
+// 0xff in byte j where bit j of a 32-bit word (broadcast to every lane) is set: each byte picks byte j / 8 of the
+// word and tests bit j % 8.
+inline __m256i byte_per_bit(__m256i word) {
+  const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                          0x0303030303030303);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(word, shuf), bit), bit);
+}
+
 template <> inline __m256i load_u32<kQ5_0>(const uint8_t* b) {
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
-  // Bit j of qh to byte j: broadcast the 4 bytes, pick byte j/8 per lane, test bit j%8.
-  const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
-                                          0x0303030303030303);
-  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201), sixteen = _mm256_set1_epi8(16);
-  __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), shuf);
-  hb = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);  // 0xff where the bit is set
+  const __m256i hb = byte_per_bit(_mm256_set1_epi32(static_cast<int>(qh))), sixteen = _mm256_set1_epi8(16);
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
   const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(lo, 4), lo), _mm256_set1_epi8(15));
   return _mm256_or_si256(nib, _mm256_and_si256(hb, sixteen));

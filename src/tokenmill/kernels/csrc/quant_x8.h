@@ -62,9 +62,6 @@ inline void x8_chunks(const uint8_t* blk, __m256i* q) {
     for (int i = 0; i < 8; ++i) q[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * i));
   } else {
     const __m256i m4 = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
-    // Bit n of a chunk's word to byte n: each byte picks byte n / 8 of the word and tests bit n % 8.
-    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
-    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
     for (int p = 0; p < 4; ++p) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * p));
       q[2 * p] = _mm256_and_si256(v, m4);
@@ -72,8 +69,7 @@ inline void x8_chunks(const uint8_t* blk, __m256i* q) {
     }
     for (int i = 0; i < 8; ++i) {
       const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(blk + 144 + 4 * i)));
-      const __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(word, shuf), bit), bit);
-      q[i] = _mm256_or_si256(q[i], _mm256_and_si256(hb, sixteen));
+      q[i] = _mm256_or_si256(q[i], _mm256_and_si256(byte_per_bit(word), sixteen));  // the 5th bits
     }
   }
 }
