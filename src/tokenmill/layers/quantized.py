@@ -29,6 +29,12 @@ _ATTR = "quantized_parts"
 # activations, and one sequence's decode with up to 15 speculative drafts stays on the int8 kernel, where a
 # row's result does not depend on the row count.
 INT8_MAX_ROWS = 16
+# The LM head's own threshold. Its Q8_0 / Q5_0 rows are interleaved by 8 (csrc/quant_x8.h), and its 8-bit
+# product beats the float32 panels well past 16 rows: 30.7 / 60.8 / 131 ms against 46.7 / 83.7 / 144 at
+# 16 / 32 / 64 rows (benchmarks/quant_rows.py `head_crossover`, AVX2 EPYC, 2 threads; 1.05x at 96). Its rows
+# are one per sequence in a step (1 + k when verifying drafts), so a batch of up to 64 sequences samples from
+# 8-bit-activation logits whatever its size; prompt logprobs of more than 64 positions keep float32 ones.
+HEAD_INT8_MAX_ROWS = 64
 
 
 def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
@@ -104,8 +110,9 @@ def describe(model: nn.Module) -> str:
 
 
 def keep_dense_for_batches(model: nn.Module) -> None:
-    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (the
-    --dense-batch-weights choice: batched throughput of the dense path for the dense path's memory)."""
+    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (the LM head:
+    HEAD_INT8_MAX_ROWS), the --dense-batch-weights choice: batched throughput of the dense path for the dense
+    path's memory."""
     for module in model.modules():
         if module.__dict__.get(_ATTR):
             module.__dict__["dense_batches"] = True
