@@ -7,8 +7,7 @@ committed one (`git show HEAD:...`, or --old FILE) and the working tree's (or --
 them), at 1 and 2 threads and each row count: the median time of the int8 product, old and new repetitions
 interleaved (the machine is shared and noisy), and each one relative to its own 1-row time. `crossover`: the
 new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, for layers/quantized.py's
-INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8 (it stays at INT8_MAX_ROWS too, so that
-prefill logits keep float32 activations). The
+INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8, for HEAD_INT8_MAX_ROWS. The
 `lm_head.x8` workload runs the new source over the interleaved LM head (the layout the model uses) against the old
 source over the plain one. Prints JSON.
 
