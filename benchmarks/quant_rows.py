@@ -13,6 +13,7 @@ source over the plain one. Prints JSON.
 
     .venv/bin/python benchmarks/quant_rows.py [--reps 9] [--threads 1,2] [--rows 1,2,4,5,8,9,16]
         [--old FILE --old-headers DIR] [--new FILE [--new-headers DIR]] [--workloads lm_head,layer.o] [--cold]
+        [--panels]   # old vs new on the panel product instead (prefill: --rows 256,2048 --threads 2)
 
 Each source builds in its own folder against its own headers (--old-headers: default git HEAD's, or the working
 tree's csrc with --old; --new-headers: default --new's folder when it holds quant_blocks.h, else the working
@@ -103,7 +104,7 @@ def once_ms(qk: QuantKernels, plan, x: torch.Tensor, out: torch.Tensor, int8: bo
 
 
 def interleaved(libs: dict[str, QuantKernels], plans: dict, x, out, reps: int,
-                cold: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
+                cold: torch.Tensor | None = None, int8: bool = True) -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) ms per library, one call of each per round (warm-up round dropped). `cold`: a buffer
     larger than the last-level cache, rewritten before each call so the weights come from memory."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in libs}
@@ -111,7 +112,7 @@ def interleaved(libs: dict[str, QuantKernels], plans: dict, x, out, reps: int,
         for name, qk in libs.items():
             if cold is not None:
                 cold.add_(1.0)
-            t = once_ms(qk, plans[name], x, out)
+            t = once_ms(qk, plans[name], x, out, int8)
             if rnd:
                 times[name].append(t)
     return {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
@@ -134,6 +135,8 @@ def main() -> None:
                     "it holds quant_blocks.h, else the working tree's csrc)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every call (as in a real decode "
                     "step, whose ~240 MB of weights stream from memory; the layers' figures are otherwise cache-hot)")
+    ap.add_argument("--panels", action="store_true", help="old vs new on the float32 panel product (prefill "
+                    "sizes: --rows 256,2048) instead of the int8 one")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     args = ap.parse_args()
     old_src = args.old.read_text() if args.old else subprocess.run(
@@ -164,7 +167,7 @@ def main() -> None:
                 base: dict[str, float] = {}
                 for rows in row_counts:
                     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-                    med = interleaved(libs, plans, x, torch.empty(rows, width), reps, cold)
+                    med = interleaved(libs, plans, x, torch.empty(rows, width), reps, cold, not args.panels)
                     base = base or med
                     point = {"workload": workload, "threads": threads, "rows": rows}
                     # wall time; at 1 thread also the thread's CPU time, which leaves out the time other

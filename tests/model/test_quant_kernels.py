@@ -131,21 +131,22 @@ def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
 
 @pytest.mark.parametrize("qtype", ["Q6_K", "Q4_K", "Q8_0x8", "Q5_0"])
 def test_panel_gemm_blocking_changes_no_result(cpu_kernels, qtype):
-    """k = 2048: a thread dequantizes its column groups in several chunks and runs them over the rows in several
-    blocks (quant_gemm.cpp, kChunkBytes / kBlockBytes), the last of each partial. Every output is still one
-    k-ordered chain: equal, bit for bit, to the rows computed one at a time, on 1-3 threads."""
+    """k = 2048, 300 rows: a thread dequantizes its column groups in several chunks and runs each over the rows
+    in two blocks (quant_gemm.cpp: kChunkBytes, kBlockBytes = 256 rows here), the last of each partial. Every
+    output is still one k-ordered chain: equal, bit for bit, to the rows computed one at a time, on 1-3 threads."""
+    m = 300
     w = _weight(qtype, 300, 2048, seed=5)
-    x = torch.randn(70, 2048, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(5))
     plan = cpu_kernels.quant.plan([(0, w)])
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = torch.empty(70, w.shape[0])
-        for r in range(70):
+        single = torch.empty(m, w.shape[0])
+        for r in range(m):
             cpu_kernels.quant.linear(x[r : r + 1], plan, single[r : r + 1], int8=False)
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = torch.empty(70, w.shape[0])
+            out = torch.empty(m, w.shape[0])
             cpu_kernels.quant.linear(x, plan, out, int8=False)
             assert torch.equal(out, single), f"{threads} threads"
     finally:

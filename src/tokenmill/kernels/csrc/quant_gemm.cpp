@@ -125,13 +125,14 @@ __attribute__((noinline)) void panel_tiles(const float* ap, int64_t m, int64_t k
   }
 }
 
-// A thread's groups are dequantized a chunk at a time (kChunkBytes of float32 panels), and the chunk runs
-// over the row tiles a block at a time (kBlockBytes of packed rows), so both stay in L2 while they meet. One
-// pass over all rows per group instead streamed the whole packed A (16 MB at 2048 x 2048) from L3 or memory
-// per 16 columns: prefill's down projection (2048 rows, k = 2048) ran 1.7x oneDNN's time, now 0.9-1.05x. Each
-// output is still one k-ordered FMA chain, so the blocking changes no result.
-// Together 3/4 of a Zen 4 core's L2 (1 MiB); 1 MiB + 256 kB and 512 kB + 384 kB measured the same.
-constexpr int64_t kChunkBytes = 512 << 10, kBlockBytes = 256 << 10;
+// A thread's groups are dequantized a chunk at a time (kChunkBytes of float32 panels, in L2), and the chunk runs
+// over the packed rows a block at a time (kBlockBytes), so each block of rows is read once per chunk instead of
+// once per group. One pass over all rows per group streamed the whole packed A (16 MB for the down
+// projection's 2048 x 2048 prefill input) from memory per 16 columns: 1.7x oneDNN's time on the dequantized
+// weight; the blocked loop runs it 1.34-1.4x faster than before, other shapes the same (benchmarks/
+// quant_rows.py --panels). Blocks of 256 kB, 2 MB and 6 MB measured alike; a chunk of one group gains nothing
+// (the reuse across a chunk's groups is the point). Each output is still one k-ordered FMA chain.
+constexpr int64_t kChunkBytes = 512 << 10, kBlockBytes = 2 << 20;
 
 // NR panels of weight rows c0.. into buf [NR][k][PW] (tmp: PW rows [PW][k] on their way into a panel).
 template <int T>
