@@ -3,7 +3,8 @@ tiny models, for every block type: the block path (fused shards of mixed types, 
 moved as whole blocks, the tied embedding looked up and used as LM head) computes the same model.
 
 Stated tolerances: layers run the panel GEMM on float32 activations above INT8_MAX_ROWS (16) rows, the LM head
-above HEAD_INT8_MAX_ROWS (64); a prompt longer than both matches within 1e-4 x the logit range. Wherever the
+above HEAD_INT8_MAX_ROWS (64) when its rows are interleaved (Q8_0 / Q5_0), else above 16; a prompt longer than
+both matches within 1e-4 x the logit range. Wherever the
 8-bit activation kernel runs (up to 16 rows, or the head up to 64): max |diff| <= 5% of the logit range, and the
 greedy token is the same at nearly every position."""
 
@@ -82,6 +83,7 @@ def test_gemma3_tied_embedding_blocks(qtype, tiny_gguf_sources, tmp_path, gguf_c
     assert embed.weight.numel() == 0  # the dense copy was never made resident
     head = auto.model.lm_head._project.plan.parts[0][1]
     assert head.interleaved == (qtype in ("Q8_0", "Q5_0"))  # rows interleaved by 8, for the lookup as well
+    assert auto.model.lm_head._project.int8_max_rows == (HEAD_INT8_MAX_ROWS if head.interleaved else INT8_MAX_ROWS)
     assert embed.forward.weight is head
     for prompt in (LONG, MID, SHORT):
         _compare(auto, none, prompt)

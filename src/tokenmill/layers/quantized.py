@@ -29,11 +29,13 @@ _ATTR = "quantized_parts"
 # activations, and one sequence's decode with up to 15 speculative drafts stays on the int8 kernel, where a
 # row's result does not depend on the row count.
 INT8_MAX_ROWS = 16
-# The LM head's own threshold. Its Q8_0 / Q5_0 rows are interleaved by 8 (csrc/quant_x8.h), and its 8-bit
+# The threshold of an LM head whose rows are interleaved by 8 (Q8_0 / Q5_0, csrc/quant_x8.h): there the 8-bit
 # product beats the float32 panels well past 16 rows: 30.7 / 60.8 / 131 ms against 46.7 / 83.7 / 144 at
-# 16 / 32 / 64 rows (benchmarks/quant_rows.py `head_crossover`, AVX2 EPYC, 2 threads; 1.05x at 96). Its rows
-# are one per sequence in a step (1 + k when verifying drafts), so a batch of up to 64 sequences samples from
-# 8-bit-activation logits whatever its size; prompt logprobs of more than 64 positions keep float32 ones.
+# 16 / 32 / 64 rows (benchmarks/quant_rows.py `head_crossover`, the default model's 262k x 640 Q8_0 head, AVX2
+# EPYC, 2 threads; 1.05x at 96). A head's rows are one per sequence in a step (1 + k when verifying drafts), so
+# a batch of up to 64 sequences samples from 8-bit-activation logits whatever its size; prompt logprobs of more
+# than 64 positions keep float32 ones. Heads in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger
+# models) keep INT8_MAX_ROWS: their 8-bit product is 0.67x the panels at 64 rows (Q6_K 32k x 2048).
 HEAD_INT8_MAX_ROWS = 64
 
 
