@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from tokenmill.kernels.cpu_features import host_cpu_features
 from tokenmill.kernels.cpu_kernels import _FLAGS, variants_for
@@ -185,21 +186,30 @@ def main() -> None:
 
 
 def head_crossover(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:
-    """The interleaved Q8_0 LM head's int8 product against its float32 panels at 2 threads (wall time)."""
-    plan = qk.plan([(off, w.interleave()) for off, w in load_parts(gguf, WORKLOADS["lm_head"])])
+    """An LM head's int8 product against its float32 panels at 2 threads (wall time): the default model's
+    interleaved Q8_0 head (HEAD_INT8_MAX_ROWS), and a random plain-layout Q6_K head of 32768 x 2048 (the type of
+    llama.cpp's Q4_K_M heads on larger models, which keep INT8_MAX_ROWS)."""
+    sys.path.insert(0, str(CSRC.parents[3]))  # the repository root, for the tests' block generator
+    from tests.fixtures.quant_blocks import random_blocks
+
+    q6k = QuantizedTensor.from_bytes(torch.from_numpy(random_blocks("Q6_K", 32768, 2048, seed=1)),
+                                     GGMLQuantizationType.Q6_K, (32768, 2048))
+    heads = {"Q8_0x8": qk.plan([(off, w.interleave()) for off, w in load_parts(gguf, WORKLOADS["lm_head"])]),
+             "Q6_K": qk.plan([(0, q6k)])}
     torch.set_num_threads(2)
     rows_out = []
-    for rows in row_counts:
-        x, out = torch.randn(rows, plan.k), torch.empty(rows, plan.width)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for rnd in range(reps + 1):
-            for int8 in (True, False):
-                t = once_ms(qk, plan, x, out, int8)[0]
-                if rnd:
-                    times[int8].append(t)
-        rows_out.append({"rows": rows, "int8_ms": round(statistics.median(times[True]), 2),
-                         "panels_ms": round(statistics.median(times[False]), 2)})
-        print(json.dumps(rows_out[-1]), file=sys.stderr, flush=True)
+    for head, plan in heads.items():
+        for rows in row_counts:
+            x, out = torch.randn(rows, plan.k), torch.empty(rows, plan.width)
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for rnd in range(reps + 1):
+                for int8 in (True, False):
+                    t = once_ms(qk, plan, x, out, int8)[0]
+                    if rnd:
+                        times[int8].append(t)
+            rows_out.append({"head": head, "rows": rows, "int8_ms": round(statistics.median(times[True]), 2),
+                             "panels_ms": round(statistics.median(times[False]), 2)})
+            print(json.dumps(rows_out[-1]), file=sys.stderr, flush=True)
     return rows_out
 
 

@@ -9,7 +9,7 @@ read once per step, so its layout is chosen once, on first use:
 - CPU bf16 elsewhere with the kernels: bf16 panels, float32 accumulation and float32 logits (half the bytes);
 - CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is;
 - GGUF blocks (its own or the tied embedding's; Q8_0 / Q5_0 rows interleaved by 8 at load): QuantizedLinear
-  (layers/quantized.py), with 8-bit activations up to HEAD_INT8_MAX_ROWS (64) rows when interleaved, else 16.
+  (layers/quantized.py), with 8-bit activations up to HEAD_INT8_MAX_ROWS (32) rows when interleaved, else 16.
 An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
 embedding it shares, which the input lookup still needs.
 """

@@ -30,13 +30,15 @@ _ATTR = "quantized_parts"
 # row's result does not depend on the row count.
 INT8_MAX_ROWS = 16
 # The threshold of an LM head whose rows are interleaved by 8 (Q8_0 / Q5_0, csrc/quant_x8.h): there the 8-bit
-# product beats the float32 panels well past 16 rows: 30.7 / 60.8 / 131 ms against 46.7 / 83.7 / 144 at
-# 16 / 32 / 64 rows (benchmarks/quant_rows.py `head_crossover`, the default model's 262k x 640 Q8_0 head, AVX2
-# EPYC, 2 threads; 1.05x at 96). A head's rows are one per sequence in a step (1 + k when verifying drafts), so
-# a batch of up to 64 sequences samples from 8-bit-activation logits whatever its size; prompt logprobs of more
-# than 64 positions keep float32 ones. Heads in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger
-# models) keep INT8_MAX_ROWS: their 8-bit product is 0.67x the panels at 64 rows (Q6_K 32k x 2048).
-HEAD_INT8_MAX_ROWS = 64
+# product beats the float32 panels past 16 rows. benchmarks/quant_rows.py `head_crossover` (the default model's
+# 262k x 640 Q8_0 head, AVX2 EPYC, 2 threads): 30.7 / 60.8 / 131 ms against 46.7 / 83.7 / 144 at 16 / 32 / 64
+# rows in a quiet spell (1.52 / 1.38 / 1.10x), 40.8 / 104 / 211 against 53.5 / 111 / 186 in a busy one (1.31 /
+# 1.07 / 0.88x): 32 wins in both. A head's rows are one per sequence in a step (1 + k when verifying drafts), so
+# a batch of up to 32 sequences samples from 8-bit-activation logits whatever its size; prompt logprobs of more
+# than 32 positions keep float32 ones. Heads in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger
+# models) keep INT8_MAX_ROWS: their 8-bit product is 0.93-0.94 / 0.67-0.83x the panels at 32 / 64 rows (a Q6_K
+# head of 32k x 2048, same benchmark).
+HEAD_INT8_MAX_ROWS = 32
 
 
 def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
