@@ -7,7 +7,8 @@ committed one (`git show HEAD:...`, or --old FILE) and the working tree's (or --
 them), at 1 and 2 threads and each row count: the median time of the int8 product, old and new repetitions
 interleaved (the machine is shared and noisy), and each one relative to its own 1-row time. `crossover`: the
 new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, for layers/quantized.py's
-INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8, for HEAD_INT8_MAX_ROWS. The
+INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8 (HEAD_INT8_MAX_ROWS) and for
+a random plain Q6_K head. `--panels` compares old and new on the panel product instead. The
 `lm_head.x8` workload runs the new source over the interleaved LM head (the layout the model uses) against the old
 source over the plain one. Prints JSON.
 

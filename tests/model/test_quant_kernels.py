@@ -132,7 +132,7 @@ def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
 @pytest.mark.parametrize("qtype", ["Q6_K", "Q4_K", "Q8_0x8", "Q5_0"])
 def test_panel_gemm_blocking_changes_no_result(cpu_kernels, qtype):
     """k = 2048, 300 rows: a thread dequantizes its column groups in several chunks and runs each over the rows
-    in two blocks (quant_gemm.cpp: kChunkBytes, kBlockBytes = 256 rows here), the last of each partial. Every
+    in two blocks (quant_gemm.cpp: kChunkBytes; kBlockBytes is 252-256 rows at k = 2048), the last of each partial. Every
     output is still one k-ordered chain: equal, bit for bit, to the rows computed one at a time, on 1-3 threads."""
     m = 300
     w = _weight(qtype, 300, 2048, seed=5)

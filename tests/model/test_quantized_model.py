@@ -4,9 +4,8 @@ moved as whole blocks, the tied embedding looked up and used as LM head) compute
 
 Stated tolerances: layers run the panel GEMM on float32 activations above INT8_MAX_ROWS (16) rows, the LM head
 above HEAD_INT8_MAX_ROWS (32) when its rows are interleaved (Q8_0 / Q5_0), else above 16; a prompt longer than
-both matches within 1e-4 x the logit range. Wherever the
-8-bit activation kernel runs (up to 16 rows, or the head up to 32): max |diff| <= 5% of the logit range, and the
-greedy token is the same at nearly every position."""
+both matches within 1e-4 x the logit range. Wherever the 8-bit activation kernel runs (up to 16 rows, or the head
+up to 32): max |diff| <= 5% of the logit range, and the greedy token is the same at nearly every position."""
 
 from __future__ import annotations
 
