@@ -109,12 +109,15 @@ def test_policies_spread_load_and_avoid_the_slow_replica(replicas, gateways):
             out["rr"] = Counter(r.replica for r in rr)
             res = []
 
+            # Six workers on three replicas: each choice sees requests in flight, and the slow one's stay longer.
+            # (With three workers, one per replica, each returned to the replica it had just freed, and the split
+            # came down to tie-breaking once the fast workers were done: a fast replica got 4 of 18, as few as C.)
             async def worker() -> None:
-                for _ in range(6):
+                for _ in range(4):
                     res.append(await post(cl, "/v1/completions", comp(6, model="lo")))
 
-            await asyncio.gather(*(worker() for _ in range(3)))
-            assert len(res) == 18 and all(finished(r) for r in res)
+            await asyncio.gather(*(worker() for _ in range(6)))
+            assert len(res) == 24 and all(finished(r) for r in res)
             out["lo"] = Counter(r.replica for r in res)
             one = [await post(cl, "/v1/completions", comp(2, model="aff"), {"x-session-id": "alice"}) for _ in range(4)]
             out["aff_one"] = Counter(r.replica for r in one)
