@@ -4,6 +4,8 @@ instruction-set variant this machine runs, for every block type."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -36,6 +38,17 @@ def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedTensor:
     if qtype.endswith("x8"):
         return _weight(qtype[:-2], -(-rows // 8) * 8, k, seed).interleave()
     return QuantizedTensor.from_bytes(torch.from_numpy(random_blocks(qtype, rows, k, seed=seed)), T[qtype], (rows, k))
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's (and so the kernels') thread count set to n for the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _assert_product_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, weight: QuantizedTensor) -> None:
@@ -82,16 +95,12 @@ def test_int8_gemm_matches_reference(cpu_kernels, qtype, threads):
     k = 544 if "_0" in qtype else 768
     w = _weight(qtype, 37, k, seed=threads)
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(threads))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         for rows in range(1, 18) if threads == 1 else (1, 3, 5, 9, 16, 17):  # (2 threads: slow on a busy machine)
             xr = x[:rows].contiguous()
             q, d, _ = ref.quantize_activations(xr)
             x_hat = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(rows, -1)
             _assert_product_close(_int8(cpu_kernels, xr, w), ref.gemm_int8(xr, w), x_hat, w)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("qtype", LAYOUTS)
@@ -116,14 +125,10 @@ def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
     k = 544 if "_0" in qtype else 768
     w = _weight(qtype, 29, k, seed=11)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(11)) * torch.logspace(-1, 1, 5).unsqueeze(1)
-    previous = torch.get_num_threads()
     outs = {}
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3):
+        with _threads(threads):
             outs[threads] = [_int8(cpu_kernels, x[:rows].contiguous(), w) for rows in (1, 2, 3, 4, 5)]
-    finally:
-        torch.set_num_threads(previous)
     for threads in (2, 3):
         for rows, (want, got) in zip((1, 2, 3, 4, 5), zip(outs[1], outs[threads])):
             assert torch.equal(got, want), f"{threads} threads, {rows} rows"
@@ -132,25 +137,22 @@ def test_int8_result_does_not_depend_on_thread_count(cpu_kernels, qtype):
 @pytest.mark.parametrize("qtype", ["Q6_K", "Q4_K", "Q8_0x8", "Q5_0"])
 def test_panel_gemm_blocking_changes_no_result(cpu_kernels, qtype):
     """k = 2048, 300 rows: a thread dequantizes its column groups in several chunks and runs each over the rows
-    in two blocks (quant_gemm.cpp: kChunkBytes; kBlockBytes is 252-256 rows at k = 2048), the last of each partial. Every
-    output is still one k-ordered chain: equal, bit for bit, to the rows computed one at a time, on 1-3 threads."""
+    in two blocks (quant_gemm.cpp: kChunkBytes; kBlockBytes is 252-256 rows at k = 2048), the last of each
+    partial. Every output is still one k-ordered chain: equal, bit for bit, to the rows computed one at a time,
+    on 1-3 threads."""
     m = 300
     w = _weight(qtype, 300, 2048, seed=5)
     x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(5))
     plan = cpu_kernels.quant.plan([(0, w)])
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = torch.empty(m, w.shape[0])
+    single = torch.empty(m, w.shape[0])
+    with _threads(1):
         for r in range(m):
             cpu_kernels.quant.linear(x[r : r + 1], plan, single[r : r + 1], int8=False)
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out = torch.empty(m, w.shape[0])
+    for threads in (1, 2, 3):
+        out = torch.empty(m, w.shape[0])
+        with _threads(threads):
             cpu_kernels.quant.linear(x, plan, out, int8=False)
-            assert torch.equal(out, single), f"{threads} threads"
-    finally:
-        torch.set_num_threads(previous)
+        assert torch.equal(out, single), f"{threads} threads"
     _assert_product_close(single, ref.gemm_panels(x, w), x, w)
 
 
