@@ -114,8 +114,8 @@ def describe(model: nn.Module) -> str:
 
 
 def keep_dense_for_batches(model: nn.Module) -> None:
-    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (the LM head:
-    HEAD_INT8_MAX_ROWS), the --dense-batch-weights choice: batched throughput of the dense path for the dense
+    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (an interleaved LM
+    head: HEAD_INT8_MAX_ROWS), the --dense-batch-weights choice: batched throughput of the dense path for the dense
     path's memory."""
     for module in model.modules():
         if module.__dict__.get(_ATTR):
