@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--quantization", default="auto",
                     help="auto (the GGUF's blocks kept, the default) | none (dequantized to the model dtype)")
     ap.add_argument("--dense-batch-weights", action="store_true",
-                    help="with blocks kept: a dense copy for steps over 16 rows (tokenmill serve --dense-batch-weights)")
+                    help="with blocks kept: a dense copy for steps over 32 rows (tokenmill serve --dense-batch-weights)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of (tokenmill W1, transformers static batch, transformers one-at-a-time); medians")
     args = ap.parse_args()

@@ -3,14 +3,14 @@
 Same GGUF file, same tokenmill engine, both dtype float32; the only difference is how the weights are held:
 "none" dequantizes every tensor to float32 (the exact path that matches transformers), "auto" keeps the
 Q8_0 / Q5_0 / Q4_K / Q6_K blocks and runs the native kernels over them. Those kernels take two routes
-(layers/quantized.py): up to INT8_MAX_ROWS (16) rows per linear, and HEAD_INT8_MAX_ROWS (32) for an
-interleaved (Q8_0 / Q5_0) LM head such as the default model's, the activations are quantized to 8 bits
-(integer dot products: decode of up to 16 sequences, and the LM head of up to 32); above it the blocks are
-dequantized panel by panel for a float32 GEMM (prefill, wide decode batches). So this reports both:
+(layers/quantized.py): up to INT8_MAX_ROWS (32) rows per linear, the LM head included when its rows are
+interleaved (Q8_0 / Q5_0, as the default model's; other heads PLAIN_HEAD_INT8_MAX_ROWS, 16), the activations are
+quantized to 8 bits (integer dot products: decode of up to 32 sequences); above it the blocks are dequantized
+panel by panel for a float32 GEMM (prefill, wide decode batches). So this reports both:
 
 - teacher_forced_prefill: prompt + the float32 greedy continuation, one prefill each (bf16_accuracy.py's
-  all_position_logits: every position; > 16 rows, so the layers take the panel route, and the LM head too
-  where a sequence is longer than 32 tokens);
+  all_position_logits: every position; the default prompts give sequences of over 32 tokens, so every matrix
+  takes the panel route);
 - teacher_forced_decode: the prompt prefilled, then the same continuation fed one token per forward (1 row,
   the 8-bit activation route), logits of every decode step;
 - for each: greedy (argmax) agreement, mean / max KL(none || auto) per position, max and mean |logit
@@ -188,7 +188,7 @@ def main() -> None:
         ap.error("--output-len and --gen-batch must be >= 1")
 
     from tokenmill.kernels.cpu_features import host_cpu_features
-    from tokenmill.layers.quantized import HEAD_INT8_MAX_ROWS, INT8_MAX_ROWS
+    from tokenmill.layers.quantized import INT8_MAX_ROWS, PLAIN_HEAD_INT8_MAX_ROWS
     from tokenmill.model.default_model import default_model_path
 
     model = args.model or default_model_path()
@@ -206,7 +206,7 @@ def main() -> None:
         "output_len": args.output_len,
         "gen_batch": args.gen_batch,
         "int8_max_rows": INT8_MAX_ROWS,
-        "head_int8_max_rows": HEAD_INT8_MAX_ROWS,
+        "plain_head_int8_max_rows": PLAIN_HEAD_INT8_MAX_ROWS,
         "kl": "KL(none || auto) per position, nats",
         "reference_self_check": ref["self_check"],
         "teacher_forced_prefill": got["prefill"].report(),

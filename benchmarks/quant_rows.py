@@ -6,9 +6,10 @@ committed one (`git show HEAD:...`, or --old FILE) and the working tree's (or --
 (token_embd, Q8_0 262144 x 640) and one layer's linears (qkv / o / gate_up / down, fused as the model runs
 them), at 1 and 2 threads and each row count: the median time of the int8 product, old and new repetitions
 interleaved (the machine is shared and noisy), and each one relative to its own 1-row time. `crossover`: the
-new int8 product against the float32 panels (quant_gemm_panels) above 16 rows, for layers/quantized.py's
-INT8_MAX_ROWS; `head_crossover` the same for the LM head with rows interleaved by 8 (HEAD_INT8_MAX_ROWS) and for
-a random plain Q6_K head. `--panels` compares old and new on the panel product instead. The
+new int8 product against the float32 panels (quant_gemm_panels) above 16 rows over one layer's linears as the
+model holds them (Q8_0 / Q5_0 rows interleaved by 8), for layers/quantized.py's INT8_MAX_ROWS; `head_crossover`
+the same for the LM head with rows interleaved by 8 (INT8_MAX_ROWS) and for a random plain Q6_K head
+(PLAIN_HEAD_INT8_MAX_ROWS). `--panels` compares old and new on the panel product instead. The
 `lm_head.x8` workload runs the new source over the interleaved LM head (the layout the model uses) against the old
 source over the plain one. Prints JSON.
 
@@ -188,8 +189,8 @@ def main() -> None:
 
 def head_crossover(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:
     """An LM head's int8 product against its float32 panels at 2 threads (wall time): the default model's
-    interleaved Q8_0 head (HEAD_INT8_MAX_ROWS), and a random plain-layout Q6_K head of 32768 x 2048 (the type of
-    llama.cpp's Q4_K_M heads on larger models, which keep INT8_MAX_ROWS)."""
+    interleaved Q8_0 head (INT8_MAX_ROWS), and a random plain-layout Q6_K head of 32768 x 2048 (the type of
+    llama.cpp's Q4_K_M heads on larger models, PLAIN_HEAD_INT8_MAX_ROWS)."""
     sys.path.insert(0, str(CSRC.parents[3]))  # the repository root, for the tests' block generator
     from tests.fixtures.quant_blocks import random_blocks
 
@@ -215,10 +216,10 @@ def head_crossover(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> 
 
 
 def crossover_rows(qk: QuantKernels, gguf, row_counts: list[int], reps: int) -> list[dict]:
-    """The new int8 product against the float32 panels, summed over one layer's linears, per thread count
-    (1 thread: CPU time; 2 threads: wall time)."""
-    layer = [load_parts(gguf, names) for workload, names in WORKLOADS.items() if workload.startswith("layer")]
-    plans = [qk.plan(parts) for parts in layer]
+    """The new int8 product against the float32 panels, summed over one layer's linears (blk.0's, Q8_0 / Q5_0
+    parts interleaved by 8 as the model holds them), per thread count (1 thread: CPU time; 2 threads: wall time)."""
+    layer = [load_parts(gguf, WORKLOADS[w]) for w in ("layer.qkv", "layer.o", "layer.gate_up", "layer.down")]
+    plans = [qk.plan([(off, w.interleave() if w.can_interleave() else w) for off, w in parts]) for parts in layer]
     rows_out = []
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ class ModelConfig:
     chat_template: str | None = None  # path or inline jinja; None: the model's own, else the fallback
     seed: int = 0
     quantization: str = "auto"  # see QUANTIZATION_METHODS
-    # Block weights also kept dense (model dtype) for steps of more than 16 rows: batched throughput of the
+    # Block weights also kept dense (model dtype) for steps of more than 32 rows: batched throughput of the
     # dense path, for its memory (Gemma 3 270M: +1.07 GB in float32).
     dense_batch_weights: bool = False
 

@@ -17,6 +17,7 @@ from tokenmill.engine.args import engine_config
 from tokenmill.engine.outputs import ScheduledSeq
 from tokenmill.kernels.cpu_features import host_cpu_features
 from tokenmill.kernels.cpu_kernels import load_cpu_kernels, variants_for
+from tokenmill.layers.quantized import INT8_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(load_cpu_kernels() is None, reason="native kernels unavailable")
 
@@ -88,24 +89,33 @@ def test_gemma3_bit_identical(models, kv_dtype):
 
 @pytest.mark.parametrize("arch,quantization", [("llama", "q4_k"), ("llama", "q8_0"), ("qwen3", "q8_0")])
 def test_silu_models_match_within_rounding(models, arch, quantization):
+    """silu's float32 rounding (native here, torch's in the layer path) then passes through the 8-bit activation
+    quantization, where a one-ulp difference now and then lands on the other side of a rounding step: one
+    quantum, which moved a logprob by 0.012 once (a 25-row prefill on 8-bit activations left that history). So:
+    the same tokens, nearly every logprob within float32 rounding, none off by more than a few quanta."""
     llm = _llm(models[arch], quantization)
     fused, layered = _with_and_without(llm)
+    diffs = []
     for (ta, la), (tb, lb) in zip(fused, layered):
         assert ta == tb
         for a, b in zip(la, lb):
             assert a.keys() == b.keys()
-            assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
+            diffs += [abs(a[t].logprob - b[t].logprob) for t in a]
+    diffs.sort()
+    assert diffs[len(diffs) * 9 // 10] < 1e-4 and diffs[-1] < 0.05, (diffs[len(diffs) // 2], diffs[-1])
 
 
 VARIANTS = [v.name for v in variants_for(host_cpu_features())]  # every kernel variant this CPU runs
+WIDE = list(range(41, 57))  # 1 + 15 drafts: 16 queries, metadata.MAX_DECODE_QUERIES
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("tokens", [[[40], [41], [42]], [[40], [41, 42, 43], [44]]], ids=["decodes", "verifying"])
+@pytest.mark.parametrize("tokens", [[[40], [41], [42]], [[40], [41, 42, 43], [44]], [[40], WIDE, [60]]],
+                         ids=["decodes", "verifying", "verifying-wide"])
 def test_one_decode_step_hidden_states(models, tokens, variant, monkeypatch):
-    """One step straight through the model: three decodes, or a sequence verifying 2 drafts among two decodes
-    (1 + 2 queries over its K/V): fused == layer by layer, every element (gelu), in every kernel variant this
-    CPU runs (the narrower ones take the scalar int8 paths)."""
+    """One step straight through the model: three decodes, or a sequence verifying 2 (or 15: 18 rows in all, more
+    than 16) drafts among two decodes (1 + k queries over its K/V): fused == layer by layer, every element (gelu),
+    in every kernel variant this CPU runs (the narrower ones take the scalar int8 paths)."""
     monkeypatch.setenv("TOKENMILL_CPU_KERNELS", variant)
     llm = _llm(models["gemma3"], "q8_0")
     assert llm.runner.cpu_kernels.variant == variant
@@ -153,5 +163,12 @@ def test_stays_off_for_dense_weights_lora_and_prefill(models):
         ctx.kv_caches = [(k.half(), v.half()) for k, v in ctx.kv_caches]
         x = decoder.embed_tokens(ids)
         assert decoder.fused_layers(x, pos, ctx) is None and decoder.fused_layers(x, pos, ctx) is None
+    # more rows than INT8_MAX_ROWS (33: two sequences verifying 15 drafts each beside a decode): layer by layer
+    llm = _llm(models["gemma3"], "q8_0")
+    ids, pos, ctx, _ = llm.runner._prepare(_decode_batch(llm.runner, [WIDE, list(range(60, 76)), [80]]))
+    assert ids.numel() == INT8_MAX_ROWS + 1
+    with torch.inference_mode():
+        decoder = llm.runner.model.model
+        assert decoder.fused_layers(decoder.embed_tokens(ids), pos, ctx) is None
     lora = _llm(models["gemma3"], "q8_0", enable_lora=True, max_lora_rank=8)
     assert _fused(lora) is None  # adapters wrap the projections

@@ -10,13 +10,13 @@ import torch
 
 from tests.fixtures.gemma import prefill_logits, write_gguf_from_hf
 from tokenmill.config import ModelConfig
-from tokenmill.layers.quantized import HEAD_INT8_MAX_ROWS
+from tokenmill.layers.quantized import INT8_MAX_ROWS
 from tokenmill.model.loader import load_model
 
-# Longer than the sliding window, and than HEAD_INT8_MAX_ROWS: block weights (Q8_0) then run every matrix, the
+# Longer than the sliding window, and than INT8_MAX_ROWS: block weights (Q8_0) then run every matrix, the
 # LM head included, on float32 activations, so they match the rounded source weights to float32 rounding.
 PROMPT = [1, 5, 60, 100, 7, 300, 2, 9, 11, 40, 41, 42, 43, 200, 201, 17, 18, 19, 77, 78, 79, 80] + list(range(350, 400))
-assert len(PROMPT) > HEAD_INT8_MAX_ROWS
+assert len(PROMPT) > INT8_MAX_ROWS
 TEXTS = ["Hello world! café 🙂", "The quick brown fox jumps over the lazy dog.", "  spaces\n\nand\tTabs 日本語"]
 
 

@@ -2,10 +2,10 @@
 tiny models, for every block type: the block path (fused shards of mixed types, llama's permuted q/k rows
 moved as whole blocks, the tied embedding looked up and used as LM head) computes the same model.
 
-Stated tolerances: layers run the panel GEMM on float32 activations above INT8_MAX_ROWS (16) rows, the LM head
-above HEAD_INT8_MAX_ROWS (32) when its rows are interleaved (Q8_0 / Q5_0), else above 16; a prompt longer than
-both matches within 1e-4 x the logit range. Wherever the 8-bit activation kernel runs (up to 16 rows, or the head
-up to 32): max |diff| <= 5% of the logit range, and the greedy token is the same at nearly every position."""
+Stated tolerances: layers run the panel GEMM on float32 activations above INT8_MAX_ROWS (32) rows, the LM head
+above 32 too when its rows are interleaved (Q8_0 / Q5_0), else above PLAIN_HEAD_INT8_MAX_ROWS (16); a prompt longer
+than 32 matches within 1e-4 x the logit range. Wherever the 8-bit activation kernel runs (up to 32 rows, a plain
+head up to 16): max |diff| <= 5% of the logit range, and the greedy token is the same at nearly every position."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from tests.fixtures.gemma import prefill_logits, write_gguf_from_hf
 from tests.fixtures.quant_blocks import KERNEL_TYPE_NAMES
 from tests.fixtures.tiny_models import build_tiny_model
 from tokenmill.config import ModelConfig
-from tokenmill.layers.quantized import HEAD_INT8_MAX_ROWS, INT8_MAX_ROWS
+from tokenmill.layers.quantized import INT8_MAX_ROWS, PLAIN_HEAD_INT8_MAX_ROWS
 from tokenmill.model.loader import load_model
 
 LONG = [1, 5, 60, 100, 7, 300, 2, 9, 11, 40, 41, 42, 43, 200, 201, 17, 18, 19, 77, 78] + list(range(350, 402))
-MID = LONG[:20]  # layers on float32 activations, the LM head on 8-bit ones
+MID = LONG[:20]  # layers on 8-bit activations, a plain-layout LM head on float32 ones
 SHORT = LONG[:6]
-assert len(SHORT) <= INT8_MAX_ROWS < len(MID) <= HEAD_INT8_MAX_ROWS < len(LONG)
+assert len(SHORT) <= PLAIN_HEAD_INT8_MAX_ROWS < len(MID) <= INT8_MAX_ROWS < len(LONG)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _pair(path: Path):
 def _compare(auto, none, prompt) -> None:
     got, want = prefill_logits(auto.model, prompt), prefill_logits(none.model, prompt)
     scale = (want.max() - want.min()).item()
-    if len(prompt) > HEAD_INT8_MAX_ROWS:
+    if len(prompt) > INT8_MAX_ROWS:
         torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=0)
     else:
         assert (got - want).abs().max().item() <= 0.05 * scale
@@ -82,7 +82,7 @@ def test_gemma3_tied_embedding_blocks(qtype, tiny_gguf_sources, tmp_path, gguf_c
     assert embed.weight.numel() == 0  # the dense copy was never made resident
     head = auto.model.lm_head._project.plan.parts[0][1]
     assert head.interleaved == (qtype in ("Q8_0", "Q5_0"))  # rows interleaved by 8, for the lookup as well
-    assert auto.model.lm_head._project.int8_max_rows == (HEAD_INT8_MAX_ROWS if head.interleaved else INT8_MAX_ROWS)
+    assert auto.model.lm_head._project.int8_max_rows == (INT8_MAX_ROWS if head.interleaved else PLAIN_HEAD_INT8_MAX_ROWS)
     assert embed.forward.weight is head
     for prompt in (LONG, MID, SHORT):
         _compare(auto, none, prompt)
@@ -135,7 +135,7 @@ def test_hf_checkpoint_quantized_at_load(method, wide_llama, gguf_cache_dir):
 
 
 def test_dense_batch_weights_route_big_steps_to_a_dense_copy(wide_llama, tmp_path, gguf_cache_dir):
-    """--dense-batch-weights: steps over INT8_MAX_ROWS rows (the LM head: HEAD_INT8_MAX_ROWS) run a dense
+    """--dense-batch-weights: steps over INT8_MAX_ROWS rows (a plain LM head: PLAIN_HEAD_INT8_MAX_ROWS) run a dense
     (dequantized) copy, the same numbers as quantization=none up to float32 summation order; small steps still
     read the blocks."""
     mix = {"v_proj": "Q8_0", "down_proj": "Q6_K", "lm_head": "Q6_K"}

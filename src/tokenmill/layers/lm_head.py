@@ -9,7 +9,7 @@ read once per step, so its layout is chosen once, on first use:
 - CPU bf16 elsewhere with the kernels: bf16 panels, float32 accumulation and float32 logits (half the bytes);
 - CPU float32 without kernels: oneDNN-packed; other CPU cases: column-major for MKL; GPUs: the weight as is;
 - GGUF blocks (its own or the tied embedding's; Q8_0 / Q5_0 rows interleaved by 8 at load): QuantizedLinear
-  (layers/quantized.py), with 8-bit activations up to HEAD_INT8_MAX_ROWS (32) rows when interleaved, else 16.
+  (layers/quantized.py), with 8-bit activations up to INT8_MAX_ROWS (32) rows when interleaved, else 16.
 An untied head releases its own weight once repacked (memory stays the same); a tied head keeps the
 embedding it shares, which the input lookup still needs.
 """
@@ -25,8 +25,8 @@ from torch import nn
 from tokenmill.kernels.cpu_kernels import CpuKernels
 from tokenmill.layers.linear import column_major, try_pack
 from tokenmill.layers.quantized import (
-    HEAD_INT8_MAX_ROWS,
     INT8_MAX_ROWS,
+    PLAIN_HEAD_INT8_MAX_ROWS,
     QuantizedLinear,
     densify,
     dequantized,
@@ -67,7 +67,7 @@ class LMHead(nn.Module):
                 def dense(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
                     return kernels.panel_gemm(x, panels, out=out)
 
-            int8_rows = HEAD_INT8_MAX_ROWS if all(qt.interleaved for _, qt in parts) else INT8_MAX_ROWS
+            int8_rows = INT8_MAX_ROWS if all(qt.interleaved for _, qt in parts) else PLAIN_HEAD_INT8_MAX_ROWS
             self._project = QuantizedLinear(kernels.quant, parts, keep_float32=True, int8_max_rows=int8_rows, dense=dense)
             self._writes_out = True
             if not self._tied:

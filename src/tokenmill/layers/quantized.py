@@ -23,22 +23,22 @@ from tokenmill.model.gguf_dequant import dequantize
 
 _ATTR = "quantized_parts"
 # Rows up to which the 8-bit activation kernel runs; above it, weights are dequantized into float32 panels for
-# the panel GEMM (exact activations). Since the int8 kernel reads each weight once for any row count
-# (benchmarks/quant_rows.py, AVX2 EPYC, 1 thread) it stays faster than the panels up to 32-48 rows on the
-# default model's shapes; 16 is kept so that steps over 16 rows (prefill chunks, big batches) keep float32
-# activations, and one sequence's decode with up to 15 speculative drafts stays on the int8 kernel, where a
-# row's result does not depend on the row count.
-INT8_MAX_ROWS = 16
-# The threshold of an LM head whose rows are interleaved by 8 (Q8_0 / Q5_0, csrc/quant_x8.h): there the 8-bit
-# product beats the float32 panels past 16 rows. benchmarks/quant_rows.py `head_crossover` (the default model's
-# 262k x 640 Q8_0 head, AVX2 EPYC, 2 threads): 30.7 / 60.8 / 131 ms against 46.7 / 83.7 / 144 at 16 / 32 / 64
-# rows in a quiet spell (1.52 / 1.38 / 1.10x), 40.8 / 104 / 211 against 53.5 / 111 / 186 in a busy one (1.31 /
-# 1.07 / 0.88x): 32 wins in both. A head's rows are one per sequence in a step (1 + k when verifying drafts), so
-# a batch of up to 32 sequences samples from 8-bit-activation logits whatever its size; prompt logprobs of more
-# than 32 positions keep float32 ones. Heads in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger
-# models) keep INT8_MAX_ROWS: their 8-bit product is 0.93-0.94 / 0.67-0.83x the panels at 32 / 64 rows (a Q6_K
-# head of 32k x 2048, same benchmark).
-HEAD_INT8_MAX_ROWS = 32
+# the panel GEMM (exact activations). The int8 kernel reads each weight once for any row count, and a decode step
+# of up to this many rows runs every layer in one native call (layers/decode_step.py), which at 32 sequences saves
+# about a third of the step: workload W1 (32 concurrent) 1.12x with the fused step up to 32 rows instead of 16.
+# Measured per layer at 32 rows, 2 threads, AVX2 EPYC, int8 vs panels: the default model's (Q5_0 / Q8_0 rows
+# interleaved by 8, Q4_K / Q6_K plain) 1.97 vs 2.72 ms (q/k/v and gate/up 1.7x, o 1.3x, down (Q6_K) 0.96x); a
+# Llama-1B-shaped layer of plain Q4_K / Q6_K blocks 30.0 vs 32.7 ms (1.09x; at 16 rows 1.25x). Steps over 32 rows
+# (prefill chunks, bigger batches) keep float32 activations; one sequence's decode with up to 31 speculative
+# drafts stays on the int8 kernel, where a row's result does not depend on the row count.
+INT8_MAX_ROWS = 32
+# An LM head in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger models) switches to the panels
+# above 16 rows: its 8-bit product is 0.93-0.94 / 0.67-0.83x the panels at 32 / 64 rows (a Q6_K head of 32k x
+# 2048, benchmarks/quant_rows.py `head_crossover`). A head with rows interleaved by 8 (Q8_0 / Q5_0, csrc/quant_x8.h)
+# keeps INT8_MAX_ROWS: the default model's 262k x 640 Q8_0 head at 16 / 32 / 64 rows ran 30.7 / 60.8 / 131 ms
+# against 46.7 / 83.7 / 144 in a quiet spell (1.52 / 1.38 / 1.10x), 1.31 / 1.07 / 0.88x in a busy one. A head's
+# rows are one per sequence in a step (1 + k when verifying drafts).
+PLAIN_HEAD_INT8_MAX_ROWS = 16
 
 
 def load_quantized(module: nn.Module, weight: QuantizedTensor, param: torch.Tensor, shard: str | None = None) -> None:
@@ -114,9 +114,9 @@ def describe(model: nn.Module) -> str:
 
 
 def keep_dense_for_batches(model: nn.Module) -> None:
-    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (an interleaved LM
-    head: HEAD_INT8_MAX_ROWS), the --dense-batch-weights choice: batched throughput of the dense path for the dense
-    path's memory."""
+    """Mark every block weight of `model` to get a dense copy for steps over INT8_MAX_ROWS rows (a plain-layout
+    LM head: PLAIN_HEAD_INT8_MAX_ROWS), the --dense-batch-weights choice: batched throughput of the dense path for
+    the dense path's memory."""
     for module in model.modules():
         if module.__dict__.get(_ATTR):
             module.__dict__["dense_batches"] = True

@@ -59,8 +59,9 @@ def serve_command(
              "quantize a dense (safetensors) checkpoint's weights at load.")] = "auto",
     dense_batch_weights: Annotated[bool, typer.Option(
         "--dense-batch-weights/--no-dense-batch-weights",
-        help="With quantized weights: also keep them dense for steps of more than 16 rows (32 for a Q8_0 / "
-             "Q5_0 LM head): batched throughput of the dense path, for its memory (Gemma 3 270M +1.07 GB).")] = False,
+        help="With quantized weights: also keep them dense for steps of more than 32 rows (16 for an LM head "
+             "in a type other than Q8_0 / Q5_0): batched throughput of the dense path, for its memory (Gemma 3 "
+             "270M +1.07 GB).")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     num_threads: Annotated[int | None, typer.Option(
         help="Engine compute threads (default: one per core the engine may use, see --cpu-cores).")] = None,
