@@ -177,3 +177,26 @@ def test_send_to_a_core_with_no_reader_fails_when_it_dies():
             await client.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_socket_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A frontend killed before shutdown leaves its socket folder; the next one removes the folders of PIDs that
+    are gone, and nothing else."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from tokenmill.engine.core_client import make_ipc_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"tokenmill-core-{gone.pid}-abc"
+    live = tmp_path / f"tokenmill-core-{os.getppid()}-def"  # the pytest runner's parent: running
+    other = [tmp_path / "tokenmill-core-xyz", tmp_path / "someone-else-1"]
+    for d in (stale, live, *other):
+        d.mkdir()
+        (d / "in").touch()
+    made = make_ipc_dir()
+    assert os.path.dirname(made) == str(tmp_path) and os.path.basename(made).startswith(f"tokenmill-core-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and all(d.exists() for d in other)

@@ -38,6 +38,30 @@ from tokenmill.engine.stats import SchedulerStats
 log = logging.getLogger("tokenmill.engine.client")
 
 
+_IPC_PREFIX = "tokenmill-core-"
+
+
+def make_ipc_dir() -> str:
+    """A fresh folder for this process's core sockets, named after its PID. A process that never reached
+    shutdown (SIGKILL, OOM) leaves its folder behind; each new one removes those of PIDs no longer running."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(_IPC_PREFIX):].split("-", 1)[0]
+        if name.startswith(_IPC_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_IPC_PREFIX}{os.getpid()}-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def describe_exit(exitcode: int | None) -> str:
     """'killed by signal SIGKILL' / 'exit code 3': why a process ended, for logs and error messages."""
     if exitcode is not None and exitcode < 0:
@@ -67,7 +91,7 @@ class MPCoreClient:
         self._embed_calls: dict[int, asyncio.Future[list[list[float]]]] = {}
         self._utility_calls: dict[int, asyncio.Future[Any]] = {}
         self._next_call = 0
-        self._dir = tempfile.mkdtemp(prefix="tokenmill-core-")
+        self._dir = make_ipc_dir()
         self._ctx = zmq.asyncio.Context()
         self._to_core = self._ctx.socket(zmq.PUSH)
         self._from_core = self._ctx.socket(zmq.PULL)
