@@ -24,13 +24,14 @@ from tokenmill.model.gguf_dequant import dequantize
 _ATTR = "quantized_parts"
 # Rows up to which the 8-bit activation kernel runs; above it, weights are dequantized into float32 panels for
 # the panel GEMM (exact activations). The int8 kernel reads each weight once for any row count, and a decode step
-# of up to this many rows runs every layer in one native call (layers/decode_step.py), which at 32 sequences saves
-# about a third of the step: workload W1 (32 concurrent) 1.12x with the fused step up to 32 rows instead of 16.
-# Measured per layer at 32 rows, 2 threads, AVX2 EPYC, int8 vs panels: the default model's (Q5_0 / Q8_0 rows
-# interleaved by 8, Q4_K / Q6_K plain) 1.97 vs 2.72 ms (q/k/v and gate/up 1.7x, o 1.3x, down (Q6_K) 0.96x); a
-# Llama-1B-shaped layer of plain Q4_K / Q6_K blocks 30.0 vs 32.7 ms (1.09x; at 16 rows 1.25x). Steps over 32 rows
-# (prefill chunks, bigger batches) keep float32 activations; one sequence's decode with up to 31 speculative
-# drafts stays on the int8 kernel, where a row's result does not depend on the row count.
+# of up to this many rows runs every layer in one native call (layers/decode_step.py). One layer of the default
+# model as it is held (Q5_0 / Q8_0 rows interleaved by 8, Q4_K / Q6_K plain), int8 vs panels, AVX2 EPYC
+# (benchmarks/quant_rows.py `crossover`): 1.27 / 1.15 / 1.02x at 16 / 32 / 64 rows on 2 threads, 1.46 / 1.33 /
+# 1.20x on 1 (a Llama-1B-shaped layer of plain Q4_K / Q6_K blocks, scratch timing: 1.25x at 16 rows, 1.09x at 32).
+# With the fused step up to 32 rows, a 32-sequence decode forward took 65 instead of 97 ms and W1 (32 concurrent,
+# benchmarks/default_model_throughput.py) ran 126-137 instead of 121 tok/s. Steps over 32 rows (prefill chunks,
+# bigger batches) keep float32 activations; one sequence's decode with up to 15 speculative drafts
+# (metadata.MAX_DECODE_QUERIES) stays on the int8 kernel, where a row's result does not depend on the row count.
 INT8_MAX_ROWS = 32
 # An LM head in the plain layout (Q6_K, as in llama.cpp's Q4_K_M mixes of larger models) switches to the panels
 # above 16 rows: its 8-bit product is 0.93-0.94 / 0.67-0.83x the panels at 32 / 64 rows (a Q6_K head of 32k x

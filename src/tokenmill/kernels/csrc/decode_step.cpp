@@ -4,7 +4,8 @@
 // down): on a small model each call's dispatch, checks and thread start cost about as much as its arithmetic.
 // Here the threads stay in one region and meet at a barrier between the stages of each layer.
 //
-// Per layer, on T rows x [T, n] (T <= 32, layers/quantized.py INT8_MAX_ROWS: one query per sequence, or 1 + k when k drafts are verified), in place:
+// Per layer, on T rows x [T, n] (T <= 32, layers/quantized.py INT8_MAX_ROWS: one query per sequence, or 1 + k
+// when k drafts are verified), in place:
 //   h = rms_norm(x; w_in)                                   (quantized to 8 bits once for q/k/v)
 //   qkv = h @ Wqkv.T; q, k normed per head (w_q / w_k, optional), RoPE with the layer's cos / ssin table
 //   K/V written at the layer group's slots; attention over the group's blocks (decode_attention.h)
